@@ -22,7 +22,7 @@ $(DEV_STAMP): requirements.txt requirements-dev.txt | $(BIN)/python
 	@touch $@ $(RUNTIME_STAMP)
 
 run: $(RUNTIME_STAMP)
-	$(BIN)/python -m app
+	HOST=$${HOST:-127.0.0.1} $(BIN)/python -m app
 
 test: lint typecheck pytest audit check-deploy
 

@@ -1,0 +1,67 @@
+"""Events that can never be delivered as they are, kept where `python -m app.replay` finds them.
+
+Each is written as a structured-mode CloudEvent (`application/cloudevents+json`) with two
+extension attributes saying why and when, so a replay posts the very same event again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from app.events.models import StorageEvent
+
+log = logging.getLogger(__name__)
+
+
+def structured_event(event: StorageEvent, reason: str, at: datetime) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "specversion": event.specversion,
+        "id": event.id,
+        "source": event.source,
+        "type": event.type.value,
+        "datacontenttype": event.datacontenttype or "application/json",
+    }
+    if event.subject is not None:
+        document["subject"] = event.subject
+    if event.time is not None:
+        document["time"] = event.time.isoformat().replace("+00:00", "Z")
+    document.update(event.extensions)
+    # CloudEvents extension names are lower-case letters and digits only.
+    document["deadletterreason"] = reason
+    document["deadletteredat"] = at.isoformat().replace("+00:00", "Z")
+    document["data"] = event.data.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return document
+
+
+class DeadLetterBox:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def put(self, event: StorageEvent, reason: str) -> Path:
+        """Write atomically; raises OSError, which the caller must treat as transient."""
+        now = datetime.now(UTC)
+        document = structured_event(event, reason, now)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(event.change_key().encode()).hexdigest()[:16]
+        final = self.directory / f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{digest}.json"
+        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as file:
+                json.dump(document, file, ensure_ascii=False, indent=2)
+            os.replace(temporary, final)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        # Also in the log, whole: on Cloud Run the folder lives in the instance's memory.
+        log.error(
+            "event dead-lettered",
+            extra={**event.log_fields(), "path": str(final), "dead_letter": document},
+        )
+        return final

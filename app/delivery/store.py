@@ -1,0 +1,54 @@
+"""Where deliveries are claimed and remembered, so a redelivered event sends no second email.
+
+Every backend keeps one record per notification key, in one of two states:
+- claimed by an owner until its lease runs out (a send is in flight; if the process dies the lease
+  expires and a redelivery may claim it again);
+- done until the retention runs out (longer than Eventarc's 24 hours of redelivery).
+Each operation is atomic in its backend, so concurrent deliveries of one change claim it once.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Protocol
+
+
+class Claim(StrEnum):
+    CLAIMED = "claimed"  # this caller owns the send
+    IN_FLIGHT = "in-flight"  # another caller is sending it now
+    DONE = "done"  # already sent
+
+
+class StoreUnavailable(Exception):
+    """The store could not be read or written; the delivery must be retried later."""
+
+
+class IdempotencyStore(Protocol):
+    async def claim(self, key: str, owner: str, lease_seconds: float) -> Claim: ...
+
+    async def complete(self, key: str, owner: str, keep_seconds: float) -> None:
+        """Mark the key done (the email was accepted), whoever holds the lease now."""
+        ...
+
+    async def release(self, key: str, owner: str) -> None:
+        """Give up a claim this owner still holds, so a redelivery can send."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def open_store(url: str) -> IdempotencyStore:
+    """`memory`, `sqlite:///PATH` or `redis://HOST:PORT/DB` (backends imported only when used)."""
+    if url == "memory":
+        from app.delivery.memory_store import MemoryStore
+
+        return MemoryStore()
+    if url.startswith("sqlite:///"):
+        from app.delivery.sqlite_store import SqliteStore
+
+        return SqliteStore(url.removeprefix("sqlite:///"))
+    if url.startswith(("redis://", "rediss://")):
+        from app.delivery.redis_store import RedisStore
+
+        return RedisStore.from_url(url)
+    raise ValueError(f"unknown idempotency store URL scheme: {url.split(':', 1)[0]!r}")

@@ -1,0 +1,136 @@
+"""HTTP request -> StorageEvent, with the CloudEvents SDK doing the protocol binding.
+
+CloudEvents HTTP binding 1.0: binary mode carries attributes in `ce-*` headers and the data
+in the body (what Eventarc sends); structured mode carries the whole event as
+`application/cloudevents+json`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from cloudevents.core.base import BaseCloudEvent
+from cloudevents.core.bindings.http import HTTPMessage, from_http_event
+from cloudevents.core.exceptions import BaseCloudEventException
+from pydantic import ValidationError
+
+from app.events.models import EventType, StorageEvent, StorageObjectData, UnhandledEvent
+
+STRUCTURED = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+_JSON = re.compile(r"^(application|text)/([a-zA-Z0-9\-.]+\+)?json\s*(;.*)?$", re.IGNORECASE)
+_CORE_ATTRIBUTES = frozenset(
+    {"id", "source", "type", "specversion", "subject", "time", "datacontenttype", "dataschema"}
+)
+
+
+class EventDecodeError(ValueError):
+    """The request is not a usable CloudEvent; `problems` say what is wrong, field by field."""
+
+    def __init__(self, detail: str, problems: list[dict[str, str]] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.problems = problems or []
+
+
+def decode_event(headers: Mapping[str, str], body: bytes) -> StorageEvent | UnhandledEvent:
+    cloud_event = _parse_cloud_event(headers, body)
+    attributes = cloud_event.get_attributes()
+    event_type = str(attributes["type"])
+    try:
+        known_type = EventType(event_type)
+    except ValueError:
+        return UnhandledEvent(
+            id=str(attributes["id"]), source=str(attributes["source"]), type=event_type
+        )
+    return _storage_event(known_type, attributes, cloud_event.get_data())
+
+
+def _parse_cloud_event(headers: Mapping[str, str], body: bytes) -> BaseCloudEvent:
+    lowered = {name.lower(): value for name, value in headers.items()}
+    content_type = lowered.get("content-type", "").split(";", 1)[0].strip().lower()
+    binary = any(name.startswith("ce-") for name in lowered)
+    if content_type == BATCH:
+        raise EventDecodeError("batched CloudEvents are not supported; send one event per request")
+    if not binary and content_type != STRUCTURED:
+        raise EventDecodeError(
+            "not a CloudEvent: expected ce-* headers (binary mode) "
+            f"or Content-Type {STRUCTURED} (structured mode)"
+        )
+    if binary:
+        missing = [
+            f"ce-{name}"
+            for name in ("specversion", "id", "source", "type")
+            if not lowered.get(f"ce-{name}")
+        ]
+        if missing:
+            raise EventDecodeError(f"missing required CloudEvent headers: {', '.join(missing)}")
+    try:
+        return from_http_event(HTTPMessage(headers=lowered, body=body))
+    except UnicodeDecodeError:
+        raise EventDecodeError("not a valid CloudEvent: the body is not UTF-8") from None
+    except json.JSONDecodeError:
+        raise EventDecodeError("not a valid CloudEvent: the body is not valid JSON") from None
+    except (BaseCloudEventException, ValueError, TypeError, AttributeError, OverflowError) as error:
+        # The SDK raises its own errors for bad attributes, and dateutil's for a time it cannot
+        # read (a JSON array body surfaces as AttributeError). The sender must fix the request.
+        raise EventDecodeError(f"not a valid CloudEvent: {_short(error)}") from None
+
+
+def _storage_event(
+    event_type: EventType, attributes: Mapping[str, Any], data: object
+) -> StorageEvent:
+    content_type = attributes.get("datacontenttype")
+    if content_type is not None and not _JSON.match(str(content_type)):
+        raise EventDecodeError(
+            f"event data must be application/json, not {str(content_type)[:80]!r}"
+        )
+    if isinstance(data, str | bytes):
+        raise EventDecodeError("event data is not a JSON object (Cloud Storage StorageObjectData)")
+    if not isinstance(data, dict):
+        raise EventDecodeError(
+            "event data must be a JSON object (Cloud Storage StorageObjectData)"
+            if data is not None
+            else "event has no data; Cloud Storage events carry a StorageObjectData object"
+        )
+    try:
+        object_data = StorageObjectData.model_validate(data)
+        time = attributes.get("time")
+        return StorageEvent(
+            id=str(attributes["id"]),
+            source=str(attributes["source"]),
+            type=event_type,
+            specversion=str(attributes["specversion"]),
+            subject=_optional_str(attributes.get("subject")),
+            time=time if isinstance(time, datetime) else None,
+            datacontenttype=_optional_str(content_type),
+            extensions={
+                name: str(value)
+                for name, value in attributes.items()
+                if name not in _CORE_ATTRIBUTES and value is not None
+            },
+            data=object_data,
+        )
+    except ValidationError as error:
+        problems = [
+            {
+                "field": ".".join(["data", *(str(part) for part in problem["loc"])]),
+                "message": problem["msg"],
+            }
+            for problem in error.errors(include_url=False, include_input=False)
+        ]
+        raise EventDecodeError("event data failed validation", problems) from None
+
+
+def _optional_str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _short(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    # Messages from json and dateutil can quote the input; keep them short and on one line.
+    return " ".join(text.split())[:200]

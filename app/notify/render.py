@@ -1,0 +1,124 @@
+"""StorageEvent -> subject, plain text and HTML. Pure: no I/O, no settings.
+
+Object names, bucket names and metadata are user data, and attacker-controlled where events are
+not authenticated: the subject loses control characters (no header injection), the HTML escapes
+every value, and links are URL-encoded.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime
+from urllib.parse import quote
+
+from app.events.models import StorageEvent
+
+SUBJECT_LIMIT = 200
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
+_UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    subject: str
+    text: str
+    html: str
+
+
+def _is_control(char: str) -> bool:
+    return unicodedata.category(char) == "Cc" or char in _BIDI_CONTROLS
+
+
+def subject_safe(value: str) -> str:
+    """Control and bidi characters out, whitespace folded: nothing can start a new header."""
+    cleaned = "".join(" " if _is_control(char) else char for char in value)
+    return re.sub(r"\s+", " ", cleaned).strip()
+
+
+def visible(value: str) -> str:
+    """Control characters shown as escapes, so a name with a line break reads as one line."""
+    return "".join(_escape(char) if _is_control(char) else char for char in value)
+
+
+def _escape(char: str) -> str:
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
+def truncate(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def human_size(size: int) -> str:
+    if size < 1024:
+        return f"{size} bytes"
+    value = float(size)
+    for unit in _UNITS[1:]:
+        value /= 1024
+        if value < 1024 or unit == _UNITS[-1]:
+            return f"{value:.1f} {unit} ({size:,} bytes)"
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def console_url(bucket: str, name: str) -> str:
+    return (
+        "https://console.cloud.google.com/storage/browser/_details/"
+        f"{quote(bucket, safe='')}/{quote(name, safe='/')}"
+    )
+
+
+def _when(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def render(event: StorageEvent, headline: str) -> Rendered:
+    """`headline` says what happened in words: "was uploaded", "was deleted", ..."""
+    data = event.data
+    bucket, name = data.bucket, data.name
+    subject = truncate(subject_safe(f"[gs://{bucket}] {event.type.short}: {name}"), SUBJECT_LIMIT)
+    rows: list[tuple[str, str | None]] = [
+        ("Object", name),
+        ("Bucket", bucket),
+        ("Event", f"{event.type.short} ({event.type.value})"),
+        ("Event ID", event.id),
+        ("Event time", _when(event.time)),
+        ("Size", human_size(data.size) if data.size is not None else None),
+        ("Content type", data.content_type),
+        ("Generation", _generation(event)),
+        ("Storage class", data.storage_class),
+        ("Created", _when(data.time_created)),
+        ("Updated", _when(data.updated)),
+        ("Deleted", _when(data.time_deleted)),
+    ]
+    rows += [(f"Metadata: {key}", value) for key, value in sorted((data.metadata or {}).items())]
+    shown = [(label, value) for label, value in rows if value is not None]
+    link = console_url(bucket, name)
+    intro = f"gs://{bucket}/{name} {headline}."
+
+    width = max(len(label) for label, _ in shown) + 2
+    text_lines = [visible(intro), ""]
+    text_lines += [f"{label + ':':<{width}}{visible(value)}" for label, value in shown]
+    text_lines += ["", f"Open in the Cloud Console: {link}", ""]
+
+    cells = "\n".join(
+        f'<tr><th align="left">{html.escape(label)}</th><td>{html.escape(value)}</td></tr>'
+        for label, value in shown
+    )
+    body_html = (
+        "<!DOCTYPE html>\n<html><body>\n"
+        f"<p>{html.escape(intro)}</p>\n<table>\n{cells}\n</table>\n"
+        f'<p><a href="{html.escape(link, quote=True)}">Open in the Cloud Console</a></p>\n'
+        "</body></html>\n"
+    )
+    return Rendered(subject=subject, text="\n".join(text_lines), html=body_html)
+
+
+def _generation(event: StorageEvent) -> str | None:
+    data = event.data
+    if data.generation is None:
+        return None
+    if data.metageneration is None:
+        return str(data.generation)
+    return f"{data.generation} (metageneration {data.metageneration})"
