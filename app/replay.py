@@ -1,0 +1,59 @@
+"""`python -m app.replay DIR [--url URL]`: send dead-lettered events to a service again.
+
+Each file in DIR is a structured-mode CloudEvent written by the dead-letter box. It is posted as
+`application/cloudevents+json` and removed only after a 2xx answer, so a failed replay loses
+nothing. Where the service checks tokens (EVENT_AUTH=oidc), put an ID token of an invoker in
+REPLAY_ID_TOKEN (e.g. `gcloud auth print-identity-token`), not on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import urllib.error
+from pathlib import Path
+
+from cloudevents.core.bindings.http import HTTPMessage
+
+from app.emit import DEFAULT_URL, post
+
+
+def replay_file(path: Path, url: str, token: str | None) -> tuple[int, str]:
+    headers = {"content-type": "application/cloudevents+json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    return post(url, HTTPMessage(headers=headers, body=path.read_bytes()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.replay", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("directory", type=Path, help="dead-letter folder (DEAD_LETTER_DIR)")
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"service URL (default {DEFAULT_URL})")
+    args = parser.parse_args(argv)
+    token = os.environ.get("REPLAY_ID_TOKEN")
+    files = sorted(args.directory.glob("*.json"))
+    if not files:
+        print(f"nothing to replay in {args.directory}")
+        return 0
+    failed = 0
+    for path in files:
+        try:
+            status, body = replay_file(path, args.url, token)
+        except (urllib.error.URLError, OSError) as error:
+            print(f"could not reach {args.url}: {getattr(error, 'reason', error)}", file=sys.stderr)
+            return 2
+        if 200 <= status < 300:
+            path.unlink()
+            print(f"{path.name}: {status} {body} (removed)")
+        else:
+            failed += 1
+            print(f"{path.name}: {status} {body} (kept)")
+    print(f"replayed {len(files) - failed} of {len(files)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

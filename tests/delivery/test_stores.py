@@ -1,0 +1,154 @@
+"""Every idempotency store keeps the same promises: one claim per key, leases expire, done lasts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.delivery.store import Claim, IdempotencyStore, StoreUnavailable, open_store
+from tests.redis_server import redis_server
+
+BACKENDS = ["memory", "sqlite", "redis"]
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "memory":
+        yield "memory"
+    elif request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/state/notifier.db"
+    else:
+        with redis_server(tmp_path) as url:
+            yield url
+
+
+def run(store_url: str, scenario: object) -> None:
+    async def main() -> None:
+        store = open_store(store_url)
+        try:
+            await scenario(store)  # type: ignore[operator]
+        finally:
+            await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_first_claim_wins_and_others_see_it_in_flight(store_url: str) -> None:
+    async def scenario(store: IdempotencyStore) -> None:
+        assert await store.claim("k", "a", 60) is Claim.CLAIMED
+        assert await store.claim("k", "b", 60) is Claim.IN_FLIGHT
+        assert await store.claim("other", "b", 60) is Claim.CLAIMED
+
+    run(store_url, scenario)
+
+
+def test_done_key_is_reported_done_to_everyone(store_url: str) -> None:
+    async def scenario(store: IdempotencyStore) -> None:
+        await store.claim("k", "a", 60)
+        await store.complete("k", "a", 3600)
+        assert await store.claim("k", "b", 60) is Claim.DONE
+        assert await store.claim("k", "a", 60) is Claim.DONE
+
+    run(store_url, scenario)
+
+
+def test_release_lets_the_next_delivery_claim(store_url: str) -> None:
+    async def scenario(store: IdempotencyStore) -> None:
+        await store.claim("k", "a", 60)
+        await store.release("k", "a")
+        assert await store.claim("k", "b", 60) is Claim.CLAIMED
+
+    run(store_url, scenario)
+
+
+def test_release_by_another_owner_does_nothing(store_url: str) -> None:
+    async def scenario(store: IdempotencyStore) -> None:
+        await store.claim("k", "a", 60)
+        await store.release("k", "intruder")
+        assert await store.claim("k", "b", 60) is Claim.IN_FLIGHT
+
+    run(store_url, scenario)
+
+
+def test_release_never_undoes_done(store_url: str) -> None:
+    async def scenario(store: IdempotencyStore) -> None:
+        await store.claim("k", "a", 60)
+        await store.complete("k", "a", 3600)
+        await store.release("k", "a")
+        assert await store.claim("k", "b", 60) is Claim.DONE
+
+    run(store_url, scenario)
+
+
+def test_an_expired_lease_can_be_claimed_again(store_url: str) -> None:
+    async def scenario(store: IdempotencyStore) -> None:
+        assert await store.claim("k", "crashed", 0.2) is Claim.CLAIMED
+        await asyncio.sleep(0.35)
+        assert await store.claim("k", "b", 60) is Claim.CLAIMED
+
+    run(store_url, scenario)
+
+
+def test_done_expires_after_its_retention(store_url: str) -> None:
+    async def scenario(store: IdempotencyStore) -> None:
+        await store.claim("k", "a", 60)
+        await store.complete("k", "a", 0.2)
+        await asyncio.sleep(0.35)
+        assert await store.claim("k", "b", 60) is Claim.CLAIMED
+
+    run(store_url, scenario)
+
+
+def test_concurrent_claims_of_one_key_have_one_winner(store_url: str) -> None:
+    async def scenario(store: IdempotencyStore) -> None:
+        results = await asyncio.gather(*(store.claim("k", f"o{i}", 60) for i in range(50)))
+        assert results.count(Claim.CLAIMED) == 1
+        assert results.count(Claim.IN_FLIGHT) == 49
+
+    run(store_url, scenario)
+
+
+def test_long_keys_with_odd_characters_are_fine(store_url: str) -> None:
+    key = "google.cloud.storage.object.v1.finalized|b|" + "ü\r\n/*?" * 200 + "|1|1"
+
+    async def scenario(store: IdempotencyStore) -> None:
+        assert await store.claim(key, "a", 60) is Claim.CLAIMED
+        await store.complete(key, "a", 60)
+        assert await store.claim(key, "b", 60) is Claim.DONE
+
+    run(store_url, scenario)
+
+
+def test_sqlite_state_survives_a_restart_and_is_shared_between_connections(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/notifier.db"
+
+    async def scenario() -> None:
+        first, second = open_store(url), open_store(url)
+        assert await first.claim("k", "a", 60) is Claim.CLAIMED
+        assert await second.claim("k", "b", 60) is Claim.IN_FLIGHT
+        await first.complete("k", "a", 3600)
+        await first.aclose()
+        await second.aclose()
+        reopened = open_store(url)
+        assert await reopened.claim("k", "c", 60) is Claim.DONE
+        await reopened.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_unreachable_redis_raises_store_unavailable() -> None:
+    async def scenario() -> None:
+        store = open_store("redis://127.0.0.1:9/0")
+        with pytest.raises(StoreUnavailable):
+            await store.claim("k", "a", 60)
+        await store.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_unknown_store_url_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown idempotency store"):
+        open_store("postgres://x")
