@@ -1,0 +1,289 @@
+"""Delivery you can trust, end to end: the real server, a strict fake SendGrid, real stores.
+
+Eventarc delivers at least once and redelivers anything not answered 2xx; these tests play the
+redeliveries and failures it produces and count the emails SendGrid accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.config import Settings
+from tests.factories import EVENTARC_PATH, binary, object_data
+from tests.fakes.sendgrid import FakeSendGrid, Reply
+from tests.redis_server import redis_server
+from tests.servers import ROOT, ServiceProcess, ThreadedServer
+
+RECIPIENTS = ["ops@example.com", "dev@example.com", "boss@example.com"]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeSendGrid]:
+    with FakeSendGrid() as server:
+        yield server
+
+
+def sendgrid_settings(fake: FakeSendGrid, tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "notifier": "sendgrid",
+        "sendgrid_api_key": fake.api_key,
+        "sendgrid_host": fake.url,
+        "sendgrid_timeout": 2.0,
+        "notify_to": RECIPIENTS,
+        "notify_from": "notifier@example.com",
+        "idempotency_store": f"sqlite:///{tmp_path}/state/notifier.db",
+        "dead_letter_dir": tmp_path / "dead-letter",
+        **overrides,
+    }
+    return Settings.model_validate(values)
+
+
+@pytest.fixture
+def service(fake: FakeSendGrid, tmp_path: Path) -> Iterator[ThreadedServer]:
+    with ThreadedServer(sendgrid_settings(fake, tmp_path)) as server:
+        yield server
+
+
+def deliver(url: str, headers: dict[str, str], body: bytes, timeout: float = 15) -> httpx.Response:
+    return httpx.post(url + EVENTARC_PATH, headers=headers, content=body, timeout=timeout)
+
+
+def redelivery(data: dict[str, Any]) -> tuple[dict[str, str], bytes]:
+    """The same storage change published again with a new message id, as Cloud Storage may."""
+    return binary(data)
+
+
+def test_the_same_change_delivered_twice_with_different_ids_sends_one_email(
+    service: ThreadedServer, fake: FakeSendGrid
+) -> None:
+    data = object_data(name="reports/q3.csv")
+    first = deliver(service.url, *redelivery(data))
+    second = deliver(service.url, *redelivery(data))
+    assert first.json()["status"] == "sent"
+    assert second.status_code == 200
+    assert second.json()["status"] == "duplicate"
+    assert len(fake.accepted()) == 1
+    assert sorted(fake.delivered_recipients()) == sorted(RECIPIENTS)
+
+
+def test_a_new_generation_of_the_same_object_is_a_new_email(
+    service: ThreadedServer, fake: FakeSendGrid
+) -> None:
+    deliver(service.url, *binary(object_data(name="same.txt")))
+    deliver(service.url, *binary(object_data(name="same.txt")))  # factories give a fresh generation
+    assert len(fake.accepted()) == 2
+
+
+def test_ten_concurrent_copies_send_one_email(service: ThreadedServer, fake: FakeSendGrid) -> None:
+    fake.latency = 0.3  # keep the first send in flight while the copies arrive
+    data = object_data(name="burst.bin")
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: deliver(service.url, *redelivery(data)), range(10)))
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses.count(200) >= 1
+    assert set(statuses) <= {200, 409}
+    assert [a.json()["status"] for a in answers if a.status_code == 200].count("sent") == 1
+    conflict = next((a for a in answers if a.status_code == 409), None)
+    if conflict is not None:
+        assert conflict.headers["retry-after"].isdigit()
+    assert len(fake.accepted()) == 1
+
+
+def test_429_then_redelivery_after_recovery_sends_exactly_one_email(
+    service: ThreadedServer, fake: FakeSendGrid
+) -> None:
+    fake.script(Reply.rate_limited(reset_in=42))
+    headers, body = binary(object_data(name="limited.txt"))
+    first = deliver(service.url, headers, body)
+    assert first.status_code == 503
+    assert 40 <= int(first.headers["retry-after"]) <= 43
+    assert fake.accepted() == []
+    again = deliver(service.url, headers, body)  # Eventarc's redelivery, same message
+    assert again.json()["status"] == "sent"
+    assert deliver(service.url, headers, body).json()["status"] == "duplicate"
+    assert len(fake.accepted()) == 1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [Reply.error(500), Reply.bad_gateway(), Reply.error(401), Reply.error(403)],
+    ids=["500", "502-html", "401", "403"],
+)
+def test_transient_and_configuration_failures_ask_for_redelivery(
+    service: ThreadedServer, fake: FakeSendGrid, reply: Reply
+) -> None:
+    fake.script(reply)
+    headers, body = binary()
+    answer = deliver(service.url, headers, body)
+    assert answer.status_code == 503
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert "retry-after" in answer.headers
+    assert fake.api_key not in answer.text
+    assert deliver(service.url, headers, body).json()["status"] == "sent"
+    assert len(fake.accepted()) == 1
+
+
+def test_a_hang_is_answered_503_within_the_timeout(
+    service: ThreadedServer, fake: FakeSendGrid
+) -> None:
+    fake.script(Reply.hang())
+    answer = deliver(service.url, *binary(), timeout=10)  # SENDGRID_TIMEOUT is 2 s here
+    assert answer.status_code == 503
+    assert "in time" in answer.json()["detail"]
+
+
+def test_rejected_message_is_dead_lettered_and_replay_sends_it_once(
+    service: ThreadedServer, fake: FakeSendGrid, tmp_path: Path
+) -> None:
+    fake.script(Reply.error(400, "The subject is invalid", field="subject"))
+    headers, body = binary(object_data(name="rejected.txt"), event_id="dl-1")
+    answer = deliver(service.url, headers, body)
+    assert answer.status_code == 200
+    assert answer.json() == {"status": "dead-lettered", "id": "dl-1"}
+    [letter] = (tmp_path / "dead-letter").glob("*.json")
+    document = json.loads(letter.read_text())
+    assert document["id"] == "dl-1"
+    assert document["type"] == "google.cloud.storage.object.v1.finalized"
+    assert document["data"]["name"] == "rejected.txt"
+    assert "The subject is invalid" in document["deadletterreason"]
+    assert fake.accepted() == []
+
+    replay = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app.replay",
+            str(tmp_path / "dead-letter"),
+            "--url",
+            service.url + "/",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert list((tmp_path / "dead-letter").glob("*.json")) == []
+    assert len(fake.accepted()) == 1
+    assert deliver(service.url, headers, body).json()["status"] == "duplicate"
+
+
+def test_replay_keeps_files_the_service_does_not_accept(
+    service: ThreadedServer, fake: FakeSendGrid, tmp_path: Path
+) -> None:
+    fake.script(Reply.error(400, "bad"), Reply.error(500))
+    deliver(service.url, *binary())
+    replay = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app.replay",
+            str(tmp_path / "dead-letter"),
+            "--url",
+            service.url + "/",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert replay.returncode == 1
+    assert "(kept)" in replay.stdout
+    assert len(list((tmp_path / "dead-letter").glob("*.json"))) == 1
+
+
+def test_1500_recipients_go_out_in_two_requests_each_address_once(
+    fake: FakeSendGrid, tmp_path: Path
+) -> None:
+    many = [f"user{i}@example.com" for i in range(1500)]
+    with ThreadedServer(sendgrid_settings(fake, tmp_path, notify_to=many)) as server:
+        assert deliver(server.url, *binary()).json()["status"] == "sent"
+    assert len(fake.accepted()) == 2
+    delivered = fake.delivered_recipients()
+    assert len(delivered) == 1500
+    assert sorted(delivered) == sorted(many)
+
+
+def test_redelivery_after_the_second_batch_failed_sends_only_that_batch(
+    fake: FakeSendGrid, tmp_path: Path
+) -> None:
+    many = [f"user{i}@example.com" for i in range(1500)]
+    fake.script(Reply.normal(), Reply.error(500))
+    with ThreadedServer(sendgrid_settings(fake, tmp_path, notify_to=many)) as server:
+        headers, body = binary()
+        assert deliver(server.url, headers, body).status_code == 503
+        assert len(fake.accepted()) == 1
+        assert deliver(server.url, headers, body).json()["status"] == "sent"
+        assert deliver(server.url, headers, body).json()["status"] == "duplicate"
+    delivered = fake.delivered_recipients()
+    assert len(fake.accepted()) == 2
+    assert len(delivered) == 1500
+    assert len(set(delivered)) == 1500
+
+
+def service_env(fake: FakeSendGrid, store: str, **extra: str) -> dict[str, str]:
+    return {
+        "NOTIFIER": "sendgrid",
+        "SENDGRID_API_KEY": fake.api_key,
+        "SENDGRID_HOST": fake.url,
+        "SENDGRID_TIMEOUT": "10",
+        "NOTIFY_TO": ",".join(RECIPIENTS),
+        "NOTIFY_FROM": "notifier@example.com",
+        "IDEMPOTENCY_STORE": store,
+        **extra,
+    }
+
+
+def test_sigterm_during_a_slow_send_still_answers_2xx_after_the_email_is_accepted(
+    fake: FakeSendGrid, tmp_path: Path
+) -> None:
+    fake.script(Reply.hang(seconds=2.0))  # then accepted normally
+    with ServiceProcess(service_env(fake, "memory"), tmp_path) as service:
+        answers: list[httpx.Response] = []
+        sender = threading.Thread(target=lambda: answers.append(deliver(service.url, *binary())))
+        sender.start()
+        assert fake.wait_for_requests(1, timeout=10)
+        service.signal(signal.SIGTERM)
+        sender.join(timeout=15)
+        # uvicorn re-raises the signal once it has shut down gracefully, so the exit status
+        # says "terminated by SIGTERM", as it should.
+        assert service.wait(timeout=10) in (0, -signal.SIGTERM)
+    [answer] = answers
+    assert answer.status_code == 200
+    assert answer.json()["status"] == "sent"
+    assert len(fake.accepted()) == 1
+
+
+def test_two_instances_sharing_redis_send_one_email_for_one_change(
+    fake: FakeSendGrid, tmp_path: Path
+) -> None:
+    fake.latency = 0.3
+    with redis_server(tmp_path) as url:
+        env = service_env(fake, url)
+        with ServiceProcess(env, tmp_path) as first, ServiceProcess(env, tmp_path) as second:
+            data = object_data(name="shared.txt")
+            with ThreadPoolExecutor(6) as pool:
+                answers = list(
+                    pool.map(
+                        lambda i: deliver((first, second)[i % 2].url, *redelivery(data)), range(6)
+                    )
+                )
+            assert {answer.status_code for answer in answers} <= {200, 409}
+            # Eventarc redelivers the 409s later; by then the first send is done.
+            for answer in answers:
+                if answer.status_code == 409:
+                    assert deliver(first.url, *redelivery(data)).json()["status"] == "duplicate"
+    assert len(fake.accepted()) == 1
