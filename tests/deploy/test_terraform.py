@@ -1,0 +1,508 @@
+"""eventarc.tf, parsed with python-hcl2: the wiring from a bucket to the service, checked offline.
+
+No Terraform binary or provider download is possible here, so the tests hold the configuration to
+the hashicorp/google provider's documented argument names (DOCUMENTED below) and to the IAM grants
+Eventarc needs for Cloud Storage events (Eventarc docs, "Route Cloud Storage events to Cloud Run").
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from tests.deploy.artifacts import (
+    blocks,
+    load_terraform,
+    locals_,
+    of_type,
+    resources,
+    single,
+    strings,
+)
+
+STORAGE_EVENT_TYPES = {
+    "google.cloud.storage.object.v1.finalized",
+    "google.cloud.storage.object.v1.deleted",
+    "google.cloud.storage.object.v1.archived",
+    "google.cloud.storage.object.v1.metadataUpdated",
+}
+
+REQUIRED_APIS = {
+    "eventarc.googleapis.com",
+    "run.googleapis.com",
+    "pubsub.googleapis.com",
+    "storage.googleapis.com",
+    "secretmanager.googleapis.com",
+    "artifactregistry.googleapis.com",
+    "cloudbuild.googleapis.com",
+}
+
+Schema = dict[str, "Schema | None"]  # None: an attribute; a dict: a nested block
+
+_IAM_CONDITION: Schema = {"title": None, "description": None, "expression": None}
+_PROBE: Schema = {
+    "initial_delay_seconds": None,
+    "timeout_seconds": None,
+    "period_seconds": None,
+    "failure_threshold": None,
+    "http_get": {"path": None, "port": None, "http_headers": {"name": None, "value": None}},
+    "tcp_socket": {"port": None},
+    "grpc": {"port": None, "service": None},
+}
+
+# Arguments of the resources this configuration uses, from the hashicorp/google provider docs
+# (6.x/7.x); a misspelt or invented argument fails here instead of at `terraform plan`.
+DOCUMENTED: dict[str, Schema] = {
+    "google_project_service": {
+        "project": None,
+        "service": None,
+        "disable_on_destroy": None,
+        "disable_dependent_services": None,
+        "check_if_service_has_usage_on_destroy": None,
+    },
+    "google_service_account": {
+        "account_id": None,
+        "display_name": None,
+        "description": None,
+        "disabled": None,
+        "project": None,
+        "create_ignore_already_exists": None,
+    },
+    "google_project_iam_member": {
+        "project": None,
+        "role": None,
+        "member": None,
+        "condition": _IAM_CONDITION,
+    },
+    "google_service_account_iam_member": {
+        "service_account_id": None,
+        "role": None,
+        "member": None,
+        "condition": _IAM_CONDITION,
+    },
+    "google_secret_manager_secret_iam_member": {
+        "project": None,
+        "secret_id": None,
+        "role": None,
+        "member": None,
+        "condition": _IAM_CONDITION,
+    },
+    "google_cloud_run_v2_service_iam_member": {
+        "project": None,
+        "location": None,
+        "name": None,
+        "role": None,
+        "member": None,
+        "condition": _IAM_CONDITION,
+    },
+    "google_cloud_run_v2_service": {
+        "name": None,
+        "location": None,
+        "project": None,
+        "description": None,
+        "labels": None,
+        "annotations": None,
+        "client": None,
+        "client_version": None,
+        "ingress": None,
+        "launch_stage": None,
+        "custom_audiences": None,
+        "default_uri_disabled": None,
+        "invoker_iam_disabled": None,
+        "deletion_protection": None,
+        "scaling": {
+            "min_instance_count": None,
+            "scaling_mode": None,
+            "manual_instance_count": None,
+        },
+        "traffic": {"type": None, "revision": None, "percent": None, "tag": None},
+        "template": {
+            "revision": None,
+            "labels": None,
+            "annotations": None,
+            "timeout": None,
+            "service_account": None,
+            "execution_environment": None,
+            "encryption_key": None,
+            "max_instance_request_concurrency": None,
+            "session_affinity": None,
+            "health_check_disabled": None,
+            "scaling": {"min_instance_count": None, "max_instance_count": None},
+            "vpc_access": {
+                "connector": None,
+                "egress": None,
+                "network_interfaces": {"network": None, "subnetwork": None, "tags": None},
+            },
+            "containers": {
+                "name": None,
+                "image": None,
+                "command": None,
+                "args": None,
+                "working_dir": None,
+                "depends_on": None,
+                "env": {
+                    "name": None,
+                    "value": None,
+                    "value_source": {"secret_key_ref": {"secret": None, "version": None}},
+                },
+                "resources": {"limits": None, "cpu_idle": None, "startup_cpu_boost": None},
+                "ports": {"name": None, "container_port": None},
+                "volume_mounts": {"name": None, "mount_path": None},
+                "startup_probe": _PROBE,
+                "liveness_probe": _PROBE,
+            },
+        },
+    },
+    "google_eventarc_trigger": {
+        "name": None,
+        "location": None,
+        "project": None,
+        "service_account": None,
+        "labels": None,
+        "channel": None,
+        "event_data_content_type": None,
+        "matching_criteria": {"attribute": None, "value": None, "operator": None},
+        "destination": {
+            "cloud_run_service": {"service": None, "region": None, "path": None},
+            "cloud_function": None,
+            "workflow": None,
+        },
+        "transport": {"pubsub": {"topic": None}},
+    },
+    "data.google_project": {"project_id": None},
+    "data.google_storage_bucket": {"name": None, "project": None},
+    "data.google_storage_project_service_account": {"project": None, "user_project": None},
+}
+
+META_ARGUMENTS = {"count", "for_each", "depends_on", "lifecycle", "provider"}
+
+
+@pytest.fixture(scope="module")
+def tf() -> dict[str, Any]:
+    return load_terraform()
+
+
+def only(found: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    assert len(found) == 1, sorted(found)
+    return next(iter(found.items()))
+
+
+def service(tf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return only(of_type(tf, "google_cloud_run_v2_service"))
+
+
+def container(tf: dict[str, Any]) -> dict[str, Any]:
+    _, body = service(tf)
+    containers = single(body["template"])["containers"]
+    assert len(containers) == 1
+    result: dict[str, Any] = containers[0]
+    return result
+
+
+def env(tf: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {entry["name"]: entry for entry in container(tf)["env"]}
+
+
+def account_email(tf: dict[str, Any], role_of: str) -> str:
+    """`${google_service_account.X.email}` of the service account whose name says `role_of`."""
+    accounts = of_type(tf, "google_service_account")
+    matching = [address for address in accounts if role_of in address.split(".")[1]]
+    assert len(matching) == 1, (role_of, sorted(accounts))
+    return "${" + matching[0] + ".email}"
+
+
+def grants(tf: dict[str, Any], type_name: str, role: str) -> dict[str, dict[str, Any]]:
+    return {
+        address: body
+        for address, body in of_type(tf, type_name).items()
+        if body.get("role") == role
+    }
+
+
+def satisfies(version: str, constraint: str) -> bool:
+    """Terraform version constraint semantics for =, !=, >, >=, <, <= and ~>."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in text.split("."))
+
+    wanted = parse(version)
+    for clause in constraint.split(","):
+        match = re.fullmatch(r"\s*(~>|>=|<=|!=|=|>|<)?\s*([\d.]+)\s*", clause)
+        assert match, clause
+        operator, bound = match[1] or "=", parse(match[2])
+        padded = wanted + (0,) * (len(bound) - len(wanted))
+        ok = {
+            "=": padded[: len(bound)] == bound,
+            "!=": padded[: len(bound)] != bound,
+            ">": padded > bound,
+            ">=": padded >= bound,
+            "<": padded < bound,
+            "<=": padded <= bound,
+            "~>": padded >= bound and padded[: len(bound) - 1] == bound[:-1],
+        }[operator]
+        if not ok:
+            return False
+    return True
+
+
+def test_terraform_and_the_google_provider_are_pinned(tf: dict[str, Any]) -> None:
+    settings = single(tf["terraform"])
+    required = settings["required_version"]
+    assert satisfies("1.5.0", required)
+    assert not satisfies("1.4.7", required)
+    google = single(settings["required_providers"])["google"]
+    assert google["source"] == "hashicorp/google"
+    constraint = google["version"]
+    assert satisfies("6.0.0", constraint) or satisfies("7.0.0", constraint)
+    for outside in ("5.45.0", "8.0.0", "9.1.0"):
+        assert not satisfies(outside, constraint), outside
+
+
+def test_version_constraint_reader_follows_terraform() -> None:
+    assert satisfies("6.12.0", "~> 6.0")
+    assert not satisfies("7.0.0", "~> 6.0")
+    assert satisfies("7.3.1", ">= 6.0, < 8.0")
+    assert not satisfies("8.0.0", ">= 6.0, < 8.0")
+
+
+def test_one_trigger_per_storage_event_type(tf: dict[str, Any]) -> None:
+    _, trigger = only(of_type(tf, "google_eventarc_trigger"))
+    reference = re.fullmatch(r"\$\{local\.(\w+)\}", trigger["for_each"])
+    assert reference, "the triggers iterate over a local map of event types"
+    event_types = locals_(tf)[reference[1]]
+    assert isinstance(event_types, dict)
+    assert set(event_types.values()) == STORAGE_EVENT_TYPES
+    assert len(event_types) == 4
+    for key in event_types:
+        # The key becomes part of the trigger ID: lowercase letters, digits, hyphens.
+        assert re.fullmatch(r"[a-z][a-z0-9-]*", key), key
+    assert "${each.key}" in trigger["name"]
+
+
+def test_each_trigger_matches_its_type_and_the_bucket(tf: dict[str, Any]) -> None:
+    _, trigger = only(of_type(tf, "google_eventarc_trigger"))
+    criteria = {entry["attribute"]: entry["value"] for entry in trigger["matching_criteria"]}
+    assert criteria == {"type": "${each.value}", "bucket": "${var.bucket}"}
+
+
+def test_triggers_live_in_the_bucket_location(tf: dict[str, Any]) -> None:
+    _, trigger = only(of_type(tf, "google_eventarc_trigger"))
+    buckets = {
+        address: body
+        for address, body in resources(tf, "data").items()
+        if address.startswith("google_storage_bucket.")
+    }
+    address, body = only(buckets)
+    assert body["name"] == "${var.bucket}"
+    assert trigger["location"] == "${lower(data." + address + ".location)}"
+
+
+def test_triggers_deliver_to_the_service_root(tf: dict[str, Any]) -> None:
+    service_address, _ = service(tf)
+    _, trigger = only(of_type(tf, "google_eventarc_trigger"))
+    run = single(single(trigger["destination"])["cloud_run_service"])
+    assert run["service"] == "${" + service_address + ".name}"
+    assert run["region"] == "${" + service_address + ".location}"
+    assert run["path"] == "/"
+
+
+def test_triggers_deliver_as_the_trigger_service_account(tf: dict[str, Any]) -> None:
+    _, trigger = only(of_type(tf, "google_eventarc_trigger"))
+    assert trigger["service_account"] == account_email(tf, "trigger")
+
+
+def test_trigger_account_may_invoke_the_service(tf: dict[str, Any]) -> None:
+    service_address, _ = service(tf)
+    invokers = grants(tf, "google_cloud_run_v2_service_iam_member", "roles/run.invoker")
+    trigger_member = "serviceAccount:" + account_email(tf, "trigger")
+    private = [body for body in invokers.values() if body["member"] == trigger_member]
+    assert len(private) == 1
+    assert private[0]["name"] == "${" + service_address + ".name}"
+    assert private[0]["location"] == "${" + service_address + ".location}"
+
+
+def test_trigger_account_receives_events(tf: dict[str, Any]) -> None:
+    receivers = grants(tf, "google_project_iam_member", "roles/eventarc.eventReceiver")
+    _, grant = only(receivers)
+    assert grant["member"] == "serviceAccount:" + account_email(tf, "trigger")
+
+
+def test_storage_service_agent_may_publish_events(tf: dict[str, Any]) -> None:
+    agents = {
+        address
+        for address in resources(tf, "data")
+        if address.startswith("google_storage_project_service_account.")
+    }
+    assert len(agents) == 1
+    _, grant = only(grants(tf, "google_project_iam_member", "roles/pubsub.publisher"))
+    assert grant["member"] == "serviceAccount:${data." + next(iter(agents)) + ".email_address}"
+
+
+def test_triggers_wait_for_the_grants_they_need(tf: dict[str, Any]) -> None:
+    _, trigger = only(of_type(tf, "google_eventarc_trigger"))
+    depends_on = set(trigger["depends_on"])
+    needed = {
+        *grants(tf, "google_project_iam_member", "roles/pubsub.publisher"),
+        *grants(tf, "google_project_iam_member", "roles/eventarc.eventReceiver"),
+    }
+    trigger_member = "serviceAccount:" + account_email(tf, "trigger")
+    needed |= {
+        address
+        for address, body in grants(
+            tf, "google_cloud_run_v2_service_iam_member", "roles/run.invoker"
+        ).items()
+        if body["member"] == trigger_member
+    }
+    assert {"${" + address + "}" for address in needed} <= depends_on
+
+
+def test_sendgrid_key_comes_from_secret_manager(tf: dict[str, Any]) -> None:
+    key = env(tf)["SENDGRID_API_KEY"]
+    assert "value" not in key, "the key must never sit in the configuration"
+    reference = single(single(key["value_source"])["secret_key_ref"])
+    assert reference["secret"] == "${var.sendgrid_secret}"
+    assert reference["version"] == "${var.sendgrid_secret_version}"
+    readers = grants(
+        tf, "google_secret_manager_secret_iam_member", "roles/secretmanager.secretAccessor"
+    )
+    address, grant = only(readers)
+    assert grant["secret_id"] == "${var.sendgrid_secret}"
+    assert grant["member"] == "serviceAccount:" + account_email(tf, "run")
+    _, body = service(tf)
+    assert "${" + address + "}" in body["depends_on"], "the revision starts only once it can read"
+
+
+def test_events_are_authenticated_as_the_trigger_account(tf: dict[str, Any]) -> None:
+    settings = env(tf)
+    assert settings["EVENT_AUTH"]["value"] == "oidc"
+    assert settings["EVENT_INVOKERS"]["value"] == account_email(tf, "trigger")
+    assert settings["NOTIFIER"]["value"] == "sendgrid"
+    assert settings["NOTIFY_TO"]["value"] == '${join(",", var.notify_to)}'
+    assert settings["NOTIFY_FROM"]["value"] == "${var.notify_from}"
+
+
+def test_service_runs_as_its_own_account_with_concurrency_80(tf: dict[str, Any]) -> None:
+    _, body = service(tf)
+    template = single(body["template"])
+    assert template["service_account"] == account_email(tf, "run")
+    assert template["service_account"] != account_email(tf, "trigger")
+    assert template["max_instance_request_concurrency"] == 80
+    assert container(tf)["image"] == "${var.image}"
+
+
+def test_one_instance_unless_redis_deduplicates_across_instances(tf: dict[str, Any]) -> None:
+    _, body = service(tf)
+    scaling = single(single(body["template"])["scaling"])
+    assert scaling["max_instance_count"] == "${local.max_instance_count}"
+    values = locals_(tf)
+    assert values["max_instance_count"] == '${var.redis_url == "" ? 1 : var.max_instances}'
+    assert env(tf)["IDEMPOTENCY_STORE"]["value"] == "${local.idempotency_store}"
+    store = values["idempotency_store"]
+    assert store.startswith('${var.redis_url == "" ? "sqlite:////tmp/')
+    assert store.endswith(": var.redis_url}")
+
+
+def test_deletion_protection_is_a_variable(tf: dict[str, Any]) -> None:
+    _, body = service(tf)
+    assert body["deletion_protection"] == "${var.deletion_protection}"
+    assert blocks(tf, "variable")["deletion_protection"]["type"] == "bool"
+
+
+def test_anyone_may_invoke_only_when_public_datetime(tf: dict[str, Any]) -> None:
+    public = {
+        address: body
+        for address, body in resources(tf).items()
+        if body.get("member") in {"allUsers", "allAuthenticatedUsers"}
+    }
+    _, grant = only(public)
+    assert grant["role"] == "roles/run.invoker"
+    assert grant["count"] == "${var.public_datetime ? 1 : 0}"
+    assert blocks(tf, "variable")["public_datetime"]["type"] == "bool"
+
+
+def test_image_deployed_by_cloud_build_is_not_rolled_back(tf: dict[str, Any]) -> None:
+    _, body = service(tf)
+    ignored = single(body["lifecycle"])["ignore_changes"]
+    assert "${template[0].containers[0].image}" in ignored
+
+
+def test_required_apis_are_enabled(tf: dict[str, Any]) -> None:
+    _, api = only(of_type(tf, "google_project_service"))
+    reference = re.fullmatch(r"\$\{local\.(\w+)\}", api["for_each"])
+    assert reference
+    listed = locals_(tf)[reference[1]]
+    match = re.fullmatch(r"\$\{toset\(\[(.*)\]\)\}", listed, re.S)
+    assert match, listed
+    enabled = set(re.findall(r'"([a-z]+\.googleapis\.com)"', match[1]))
+    assert enabled >= REQUIRED_APIS
+    assert api["service"] == "${each.key}"
+    assert api["disable_on_destroy"] is False
+
+
+def test_inputs_are_variables(tf: dict[str, Any]) -> None:
+    declared = blocks(tf, "variable")
+    expected = {"project", "region", "bucket", "image", "notify_to", "notify_from"}
+    assert expected | {"sendgrid_secret", "public_datetime", "deletion_protection"} <= set(declared)
+    for name, variable in declared.items():
+        assert variable.get("description"), f"variable {name} has no description"
+        assert "type" in variable, f"variable {name} has no type"
+
+
+def test_every_reference_is_declared(tf: dict[str, Any]) -> None:
+    text = "\n".join(strings(tf))
+    variables = set(blocks(tf, "variable"))
+    assert set(re.findall(r"\bvar\.(\w+)", text)) <= variables
+    assert set(re.findall(r"\blocal\.(\w+)", text)) <= set(locals_(tf))
+    data_sources = set(resources(tf, "data"))
+    assert {f"{t}.{n}" for t, n in re.findall(r"\bdata\.(google_\w+)\.(\w+)", text)} <= (
+        data_sources
+    )
+    managed = set(resources(tf))
+    referenced = {f"{t}.{n}" for t, n in re.findall(r"(?<![.\w])(google_\w+)\.(\w+)", text)}
+    assert referenced <= managed
+
+
+def test_outputs_name_the_service_url_and_the_triggers(tf: dict[str, Any]) -> None:
+    outputs = blocks(tf, "output")
+    service_address, _ = service(tf)
+    assert outputs["service_url"]["value"] == "${" + service_address + ".uri}"
+    trigger_address, _ = only(of_type(tf, "google_eventarc_trigger"))
+    assert trigger_address in outputs["trigger_names"]["value"]
+    assert ".name" in outputs["trigger_names"]["value"]
+
+
+def _undocumented(body: Any, schema: Schema, path: str) -> list[str]:
+    problems = []
+    for key, value in body.items():
+        if key == "dynamic":  # dynamic "NAME" { for_each = ..., content { ... } }
+            for entry in value:
+                for name, dynamic in entry.items():
+                    nested_schema = schema.get(name)
+                    if nested_schema is None:
+                        problems.append(f"{path}.dynamic.{name}")
+                        continue
+                    for content in dynamic["content"]:
+                        problems += _undocumented(content, nested_schema, f"{path}.{name}")
+            continue
+        if key not in schema:
+            problems.append(f"{path}.{key}")
+            continue
+        nested = schema[key]
+        if nested is not None and isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    problems += _undocumented(item, nested, f"{path}.{key}")
+    return problems
+
+
+def test_every_argument_is_a_documented_provider_argument(tf: dict[str, Any]) -> None:
+    problems = []
+    for kind, prefix in (("resource", ""), ("data", "data.")):
+        for address, body in resources(tf, kind).items():
+            type_name = prefix + address.split(".")[0]
+            assert type_name in DOCUMENTED, f"{type_name}: add its documented arguments"
+            schema: Schema = {**DOCUMENTED[type_name], **dict.fromkeys(META_ARGUMENTS)}
+            problems += _undocumented(body, schema, address)
+    assert problems == []
