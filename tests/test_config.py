@@ -1,0 +1,243 @@
+"""Settings: every environment variable validated once; a bad one stops start-up with a message
+that names it, never a traceback and never a secret.
+
+Each test runs in an empty folder with the service's variables removed, so neither the developer's
+environment nor a `.env` file can change the outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.config import Settings, describe_error, load_settings
+from tests.servers import ServiceProcess
+
+API_KEY = "SG.never-show-me.0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    names = {name.upper() for name in Settings.model_fields}
+    for variable in list(os.environ):
+        if variable.upper() in names:
+            monkeypatch.delenv(variable)
+    monkeypatch.chdir(tmp_path)
+
+
+def settings(monkeypatch: pytest.MonkeyPatch, **environment: str) -> Settings:
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    return Settings(_env_file=None)
+
+
+def refusal(monkeypatch: pytest.MonkeyPatch, **environment: str) -> str:
+    with pytest.raises(ValidationError) as caught:
+        settings(monkeypatch, **environment)
+    return describe_error(caught.value)
+
+
+def test_defaults_need_no_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = settings(monkeypatch)
+    assert values.notifier == "outbox"
+    assert values.port == 8080
+    assert values.log_level == "INFO"
+    assert values.recipients == ("you@localhost",)
+    assert values.sender == "notifier@localhost"
+    assert values.outbox_dir == Path("outbox")
+    assert values.sendgrid_api_key is None
+    assert values.sendgrid_host == "https://api.sendgrid.com"
+    assert values.sendgrid_timeout == 10
+    assert values.event_auth == "none"
+
+
+def test_a_sendgrid_key_selects_sendgrid(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = settings(
+        monkeypatch,
+        SENDGRID_API_KEY=API_KEY,
+        NOTIFY_TO="ops@example.com",
+        NOTIFY_FROM="notifier@example.com",
+    )
+    assert values.notifier == "sendgrid"
+    assert values.sendgrid_api_key is not None
+    assert values.sendgrid_api_key.get_secret_value() == API_KEY
+
+
+def test_an_explicit_notifier_wins_over_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = settings(monkeypatch, SENDGRID_API_KEY=API_KEY, NOTIFIER="outbox")
+    assert values.notifier == "outbox"
+
+
+def test_notify_to_is_comma_separated_with_spaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = settings(
+        monkeypatch, NOTIFY_TO=" ops@example.com ,dev@example.com,  , qa@example.org "
+    )
+    assert values.recipients == ("ops@example.com", "dev@example.com", "qa@example.org")
+
+
+def test_a_single_recipient_is_a_list_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings(monkeypatch, NOTIFY_TO="ops@example.com").recipients == ("ops@example.com",)
+
+
+@pytest.mark.parametrize(
+    "recipients", ["not-an-address", "ops@example.com, nobody", "a@b.com\r\nBcc: evil@example.com"]
+)
+def test_malformed_recipients_are_refused(monkeypatch: pytest.MonkeyPatch, recipients: str) -> None:
+    assert "NOTIFY_TO" in refusal(monkeypatch, NOTIFY_TO=recipients)
+
+
+def test_sendgrid_without_recipients_or_sender_names_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = refusal(monkeypatch, SENDGRID_API_KEY=API_KEY)
+    assert "NOTIFY_TO" in message
+    assert "NOTIFY_FROM" in message
+
+
+@pytest.mark.parametrize(
+    ("present", "missing"), [("NOTIFY_TO", "NOTIFY_FROM"), ("NOTIFY_FROM", "NOTIFY_TO")]
+)
+def test_sendgrid_names_the_one_missing_variable(
+    monkeypatch: pytest.MonkeyPatch, present: str, missing: str
+) -> None:
+    message = refusal(monkeypatch, SENDGRID_API_KEY=API_KEY, **{present: "ops@example.com"})
+    assert missing in message
+    assert present not in message
+
+
+def test_sendgrid_chosen_without_a_key_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = refusal(
+        monkeypatch, NOTIFIER="sendgrid", NOTIFY_TO="a@example.com", NOTIFY_FROM="n@example.com"
+    )
+    assert "SENDGRID_API_KEY" in message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PORT", "eighty"),
+        ("PORT", "0"),
+        ("PORT", "65536"),
+        ("PORT", ""),
+        ("LOG_LEVEL", "LOUD"),
+        ("IDEMPOTENCY_STORE", "postgres://db/notifier"),
+        ("IDEMPOTENCY_STORE", "sqlite:notifier.db"),
+        ("SENDGRID_HOST", "api.sendgrid.com"),
+        ("SENDGRID_HOST", "ftp://api.sendgrid.com"),
+        ("SENDGRID_TIMEOUT", "0"),
+        ("SENDGRID_TIMEOUT", "soon"),
+        ("NOTIFIER", "smtp"),
+        ("EVENT_AUTH", "basic"),
+    ],
+)
+def test_an_invalid_value_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    message = refusal(monkeypatch, **{variable: value})
+    assert message.startswith("invalid configuration:")
+    assert f"{variable}:" in message
+
+
+@pytest.mark.parametrize("level", ["debug", "Warning", "ERROR"])
+def test_log_level_is_case_insensitive(monkeypatch: pytest.MonkeyPatch, level: str) -> None:
+    assert settings(monkeypatch, LOG_LEVEL=level).log_level == level.upper()
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite:///./state/x.db", "redis://localhost:6379/0"])
+def test_idempotency_store_urls_are_accepted(monkeypatch: pytest.MonkeyPatch, store: str) -> None:
+    assert settings(monkeypatch, IDEMPOTENCY_STORE=store).idempotency_store == store
+
+
+@pytest.mark.parametrize("host", ["http://127.0.0.1:9000/", "https://api.sendgrid.com///"])
+def test_trailing_slashes_are_stripped_from_sendgrid_host(
+    monkeypatch: pytest.MonkeyPatch, host: str
+) -> None:
+    assert not settings(monkeypatch, SENDGRID_HOST=host).sendgrid_host.endswith("/")
+
+
+def test_oidc_without_invokers_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = refusal(monkeypatch, EVENT_AUTH="oidc")
+    assert "EVENT_AUTH" in message
+    assert "EVENT_INVOKERS" in message
+
+
+def test_oidc_with_invokers_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    invoker = "trigger@project.iam.gserviceaccount.com"
+    values = settings(monkeypatch, EVENT_AUTH="oidc", EVENT_INVOKERS=invoker)
+    assert values.event_invokers == [invoker]
+
+
+def test_every_problem_is_listed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = refusal(monkeypatch, PORT="x", LOG_LEVEL="LOUD", SENDGRID_HOST="nope")
+    assert len(message.splitlines()) == 4
+    for variable in ("PORT", "LOG_LEVEL", "SENDGRID_HOST"):
+        assert variable in message
+
+
+@pytest.mark.parametrize(
+    "environment",
+    [
+        {"NOTIFIER": "sendgrid"},
+        {"PORT": "x"},
+        {"NOTIFY_TO": "nobody"},
+        {"SENDGRID_HOST": API_KEY},
+        {"SENDGRID_TIMEOUT": API_KEY},
+    ],
+)
+def test_describe_error_never_shows_the_api_key(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str]
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        settings(monkeypatch, SENDGRID_API_KEY=API_KEY, **environment)
+    assert API_KEY not in describe_error(caught.value)
+    assert API_KEY not in str(caught.value)
+
+
+def test_the_api_key_is_not_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = settings(
+        monkeypatch, SENDGRID_API_KEY=API_KEY, NOTIFY_TO="a@example.com", NOTIFY_FROM="n@b.com"
+    )
+    assert API_KEY not in repr(values)
+    assert API_KEY not in str(values.model_dump())
+
+
+def test_load_settings_exits_with_the_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "eighty")
+    with pytest.raises(SystemExit) as caught:
+        load_settings()
+    assert isinstance(caught.value.code, str)
+    assert "PORT" in caught.value.code
+
+
+def test_a_dot_env_file_is_read_and_the_environment_wins(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_text("NOTIFY_TO=dotenv@example.com\nLOG_LEVEL=DEBUG\n")
+    monkeypatch.setenv("LOG_LEVEL", "WARNING")
+    values = Settings()
+    assert values.recipients == ("dotenv@example.com",)
+    assert values.log_level == "WARNING"
+
+
+def test_explicit_arguments_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "9000")
+    assert Settings(_env_file=None, port=9100).port == 9100
+
+
+def test_python_m_app_with_a_bad_variable_exits_with_a_message(tmp_path: Path) -> None:
+    service = ServiceProcess({"PORT": "eighty", "SENDGRID_API_KEY": API_KEY}, tmp_path)
+    started = time.monotonic()
+    service.start(wait=False)
+    try:
+        returncode = service.wait(timeout=15)
+    finally:
+        service.stop()
+    assert returncode != 0
+    assert time.monotonic() - started < 10
+    output = service.output()
+    assert "PORT" in output
+    assert "invalid configuration" in output
+    assert "Traceback" not in output
+    assert API_KEY not in output
