@@ -26,7 +26,7 @@ def main() -> None:
         access_log=False,
         server_header=False,
         proxy_headers=False,
-        timeout_keep_alive=75,  # longer than Google's front end idle timeout, fewer reconnects
+        timeout_keep_alive=15,  # idle connections are closed; Cloud Run's front end reconnects
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         h11_max_incomplete_event_size=64 * 1024,
     )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import Request
 
-from app.api.errors import BadRequest, RequestTooLarge
+from app.api.errors import BadRequest, RequestTimeout, RequestTooLarge
 from app.config import MAX_EVENT_BYTES
+
+BODY_TIMEOUT_SECONDS = 30.0
 
 
 async def read_body(request: Request, limit: int = MAX_EVENT_BYTES) -> bytes:
@@ -18,9 +22,14 @@ async def read_body(request: Request, limit: int = MAX_EVENT_BYTES) -> bytes:
             raise RequestTooLarge(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(limit)
-        chunks.append(chunk)
+    try:
+        # A client that trickles its body must not hold a request open indefinitely.
+        async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestTooLarge(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(BODY_TIMEOUT_SECONDS) from None
     return b"".join(chunks)

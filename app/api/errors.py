@@ -33,6 +33,11 @@ class RequestTooLarge(Exception):
         super().__init__(f"request body exceeds {limit // 1024} KiB")
 
 
+class RequestTimeout(Exception):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"request body not received within {seconds:g} s")
+
+
 class BadRequest(ValueError):
     """A request that can never succeed as sent; the message says what to fix."""
 
@@ -72,6 +77,10 @@ async def _too_large(_: Request, error: Exception) -> JSONResponse:
     return problem(413, str(error))
 
 
+async def _timeout(_: Request, error: Exception) -> JSONResponse:
+    return problem(408, str(error), headers={"Connection": "close"})
+
+
 async def _in_flight(_: Request, error: Exception) -> JSONResponse:
     return problem(409, str(error), headers=_retry(None))
 
@@ -109,6 +118,7 @@ def install(app: FastAPI) -> None:
         (EventDecodeError, _decode_error),
         (BadRequest, _bad_request),
         (RequestTooLarge, _too_large),
+        (RequestTimeout, _timeout),
         (InFlight, _in_flight),
         (TransientDeliveryError, _transient),
         (StoreUnavailable, _store_unavailable),

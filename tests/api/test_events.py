@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from pathlib import Path
 
 import httpx
@@ -209,3 +210,21 @@ def test_chunked_body_over_the_limit_is_refused_with_413(outbox_server: Threaded
 def test_unknown_paths_and_methods_answer_problem_json(outbox_server: ThreadedServer) -> None:
     assert problem_of(httpx.get(outbox_server.url + "/nope"))["status"] == 404
     assert problem_of(httpx.delete(outbox_server.url + "/"))["status"] == 405
+
+
+def test_a_body_that_trickles_in_too_slowly_gets_408(
+    outbox_server: ThreadedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("app.api.body.BODY_TIMEOUT_SECONDS", 0.5)
+    headers, body = binary()
+    lines = [
+        "POST / HTTP/1.1",
+        f"host: 127.0.0.1:{outbox_server.port}",
+        f"content-length: {len(body)}",
+    ]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    with socket.create_connection(("127.0.0.1", outbox_server.port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body[:10])
+        answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 408")
+    assert "not received within 0.5 s" in answer
