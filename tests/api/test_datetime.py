@@ -1,0 +1,252 @@
+"""GET|POST /datetime against the real server: the book's HTTP function, a greeting with today's
+date and the time, as text or JSON; every wrong input a 400 problem that says what is wrong."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, tzinfo
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+
+from tests.servers import ThreadedServer
+
+JSON = {"Accept": "application/json"}
+PROBLEM = "application/problem+json"
+
+
+def get(
+    server: ThreadedServer, headers: dict[str, str] | None = None, **query: str
+) -> httpx.Response:
+    return httpx.get(f"{server.url}/datetime", params=query, headers=headers, timeout=10)
+
+
+def post(
+    server: ThreadedServer,
+    body: bytes | None = None,
+    *,
+    json: object = None,
+    headers: dict[str, str] | None = None,
+    **query: str,
+) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/datetime",
+        params=query,
+        content=body,
+        json=json,
+        headers=headers,
+        timeout=10,
+    )
+
+
+def answered_within(
+    zone: tzinfo, request: Callable[[], httpx.Response]
+) -> tuple[httpx.Response, datetime, datetime]:
+    """The answer, and the clock (in `zone`, whole seconds) just before and after it."""
+    before = datetime.now(zone).replace(microsecond=0)
+    response = request()
+    after = datetime.now(zone)
+    return response, before, after
+
+
+def clock_readings(before: datetime, after: datetime) -> set[str]:
+    """Every HH:MM:SS the clock showed between `before` and `after`."""
+    count = int((after - before).total_seconds()) + 1
+    return {f"{before + timedelta(seconds=step):%H:%M:%S}" for step in range(count)}
+
+
+def assert_problem(response: httpx.Response, *words: str) -> None:
+    assert response.status_code == 400
+    assert response.headers["content-type"] == PROBLEM
+    problem = response.json()
+    assert problem["status"] == 400
+    assert problem["title"] == "Bad Request"
+    said = (problem["detail"] + " " + str(problem.get("errors", ""))).lower()
+    for word in words:
+        assert word.lower() in said
+
+
+def test_get_greets_the_requester_with_todays_date_and_time(outbox_server: ThreadedServer) -> None:
+    response, before, after = answered_within(UTC, lambda: get(outbox_server, requester="John"))
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert "John" in text
+    dates = {f"{moment:%A, %d %B %Y}" for moment in (before, after)}
+    assert any(date in text for date in dates)
+    [time] = re.findall(r"\b\d{2}:\d{2}:\d{2}\b", text)
+    assert time in clock_readings(before, after)
+
+
+def test_json_answer_has_every_field(outbox_server: ThreadedServer) -> None:
+    response, before, after = answered_within(
+        UTC, lambda: get(outbox_server, JSON, requester="John")
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    answer = response.json()
+    assert set(answer) == {"requester", "date", "time", "timezone", "timestamp", "message"}
+    assert answer["requester"] == "John"
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", answer["date"])
+    assert re.fullmatch(r"\d{2}:\d{2}:\d{2}", answer["time"])
+    assert answer["timezone"] == "UTC"
+    timestamp = datetime.fromisoformat(answer["timestamp"])
+    assert timestamp.utcoffset() == timedelta(0)
+    assert before <= timestamp <= after
+    assert answer["date"] == f"{timestamp:%Y-%m-%d}"
+    assert answer["time"] == f"{timestamp:%H:%M:%S}"
+    assert "John" in answer["message"]
+    assert answer["time"] in answer["message"]
+
+
+def test_timestamp_is_rfc_3339(outbox_server: ThreadedServer) -> None:
+    timestamp = get(outbox_server, JSON).json()["timestamp"]
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(Z|[+-]\d{2}:\d{2})", timestamp)
+
+
+@pytest.mark.parametrize(
+    ("zone", "names"),
+    [("Europe/Paris", {"CET", "CEST"}), ("Asia/Kolkata", {"IST"}), ("UTC", {"UTC"})],
+)
+def test_tz_changes_the_timezone(outbox_server: ThreadedServer, zone: str, names: set[str]) -> None:
+    response, before, after = answered_within(
+        ZoneInfo(zone), lambda: get(outbox_server, JSON, tz=zone)
+    )
+    answer = response.json()
+    assert answer["timezone"] in names
+    timestamp = datetime.fromisoformat(answer["timestamp"])
+    assert timestamp.utcoffset() == before.utcoffset()
+    assert before <= timestamp <= after
+    assert answer["time"] == f"{timestamp:%H:%M:%S}"
+    assert answer["date"] == f"{timestamp:%Y-%m-%d}"
+
+
+def test_tz_applies_to_the_plain_text_answer(outbox_server: ThreadedServer) -> None:
+    text = get(outbox_server, tz="Asia/Kolkata").text
+    assert "IST" in text
+
+
+def test_post_reads_the_requester_from_a_json_body(outbox_server: ThreadedServer) -> None:
+    response = post(outbox_server, json={"requester": "Ada"}, headers=JSON)
+    assert response.status_code == 200
+    assert response.json()["requester"] == "Ada"
+
+
+def test_post_answers_in_plain_text_by_default(outbox_server: ThreadedServer) -> None:
+    response = post(outbox_server, json={"requester": "Ada"})
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "Ada" in response.text
+
+
+def test_post_takes_tz_from_the_query(outbox_server: ThreadedServer) -> None:
+    answer = post(outbox_server, json={"requester": "Ada"}, headers=JSON, tz="Asia/Kolkata").json()
+    assert answer["timezone"] == "IST"
+
+
+def test_the_query_wins_over_the_body(outbox_server: ThreadedServer) -> None:
+    answer = post(outbox_server, json={"requester": "Body"}, headers=JSON, requester="Query").json()
+    assert answer["requester"] == "Query"
+
+
+@pytest.mark.parametrize("body", [None, b"", b"   ", b"{}", b'{"requester": null}', b'{"x": 1}'])
+def test_post_without_a_requester_greets_anonymous(
+    outbox_server: ThreadedServer, body: bytes | None
+) -> None:
+    response = post(outbox_server, body, headers=JSON)
+    assert response.status_code == 200
+    assert response.json()["requester"] == "anonymous"
+
+
+@pytest.mark.parametrize("query", [{}, {"requester": ""}])
+def test_get_without_a_requester_greets_anonymous(
+    outbox_server: ThreadedServer, query: dict[str, str]
+) -> None:
+    assert get(outbox_server, JSON, **query).json()["requester"] == "anonymous"
+
+
+def test_unicode_and_markup_requesters_come_back_as_sent(outbox_server: ThreadedServer) -> None:
+    name = "Zoë <b>&</b> 東京"
+    assert get(outbox_server, JSON, requester=name).json()["requester"] == name
+
+
+@pytest.mark.parametrize("zone", ["Mars/Olympus_Mons", "../../etc/passwd", "/etc/localtime", ""])
+def test_unknown_tz_is_a_400_problem(outbox_server: ThreadedServer, zone: str) -> None:
+    assert_problem(get(outbox_server, tz=zone), "tz", "IANA")
+
+
+def test_unknown_tz_in_a_post_is_a_400_problem(outbox_server: ThreadedServer) -> None:
+    assert_problem(post(outbox_server, json={"requester": "Ada"}, tz="Nowhere/City"), "tz")
+
+
+def test_a_requester_of_100_characters_is_greeted(outbox_server: ThreadedServer) -> None:
+    name = "x" * 100
+    assert get(outbox_server, JSON, requester=name).json()["requester"] == name
+    assert post(outbox_server, json={"requester": name}, headers=JSON).json()["requester"] == name
+
+
+def test_a_requester_over_100_characters_in_the_query_is_a_400(
+    outbox_server: ThreadedServer,
+) -> None:
+    response = get(outbox_server, requester="x" * 101)
+    assert_problem(response, "requester", "100")
+    assert "x" * 101 not in response.text
+
+
+def test_a_requester_over_100_characters_in_the_body_is_a_400(
+    outbox_server: ThreadedServer,
+) -> None:
+    response = post(outbox_server, json={"requester": "x" * 101})
+    assert_problem(response, "requester", "100")
+    assert "x" * 101 not in response.text
+
+
+@pytest.mark.parametrize("requester", [5, ["Ada"], {"name": "Ada"}, True])
+def test_a_requester_that_is_not_a_string_is_a_400(
+    outbox_server: ThreadedServer, requester: object
+) -> None:
+    assert_problem(post(outbox_server, json={"requester": requester}), "requester", "string")
+
+
+@pytest.mark.parametrize(
+    "body", [b"{broken", b'{"requester": "Ada"', b"\xff\xfe", b"requester=Ada"]
+)
+def test_a_broken_json_body_is_a_400(outbox_server: ThreadedServer, body: bytes) -> None:
+    assert_problem(
+        post(outbox_server, body, headers={"Content-Type": "application/json"}), "JSON object"
+    )
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"Ada"', b"42", b"null", b"true"])
+def test_json_that_is_not_an_object_is_a_400(outbox_server: ThreadedServer, body: bytes) -> None:
+    assert_problem(post(outbox_server, body), "JSON object")
+
+
+def test_a_body_over_4_kib_is_refused(outbox_server: ThreadedServer) -> None:
+    response = post(outbox_server, json={"requester": "Ada", "padding": "x" * 5000})
+    assert response.status_code == 413
+    assert response.headers["content-type"] == PROBLEM
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda server: get(server, requester="John"),
+        lambda server: get(server, JSON),
+        lambda server: get(server, tz="Nowhere"),
+        lambda server: post(server, b"{broken"),
+    ],
+    ids=["text", "json", "bad-tz", "broken-body"],
+)
+def test_every_answer_says_nosniff(
+    outbox_server: ThreadedServer, call: Callable[[ThreadedServer], httpx.Response]
+) -> None:
+    response = call(outbox_server)
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_healthz_is_public(outbox_server: ThreadedServer) -> None:
+    response = httpx.get(f"{outbox_server.url}/healthz", timeout=10)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
