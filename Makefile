@@ -40,7 +40,7 @@ audit: $(DEV_STAMP)
 	$(BIN)/python .ci/audit.py
 
 check-deploy: $(DEV_STAMP)
-	@echo "check-deploy: no deployment artifacts yet"
+	PYTHON="$(PYTHON)" HADOLINT=$(BIN)/hadolint .ci/check_deploy.sh
 
 fmt: $(DEV_STAMP)
 	$(BIN)/ruff check --fix .
