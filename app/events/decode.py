@@ -12,10 +12,12 @@ import re
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
+from urllib.parse import unquote
 
 from cloudevents.core.base import BaseCloudEvent
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 from cloudevents.core.exceptions import BaseCloudEventException
+from dateutil.parser import isoparse
 from pydantic import ValidationError
 
 from app.events.models import EventType, StorageEvent, StorageObjectData, UnhandledEvent
@@ -23,6 +25,7 @@ from app.events.models import EventType, StorageEvent, StorageObjectData, Unhand
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 _JSON = re.compile(r"^(application|text)/([a-zA-Z0-9\-.]+\+)?json\s*(;.*)?$", re.IGNORECASE)
+_REQUIRED = ("specversion", "id", "source", "type")
 _CORE_ATTRIBUTES = frozenset(
     {"id", "source", "type", "specversion", "subject", "time", "datacontenttype", "dataschema"}
 )
@@ -62,23 +65,63 @@ def _parse_cloud_event(headers: Mapping[str, str], body: bytes) -> BaseCloudEven
             f"or Content-Type {STRUCTURED} (structured mode)"
         )
     if binary:
-        missing = [
-            f"ce-{name}"
-            for name in ("specversion", "id", "source", "type")
-            if not lowered.get(f"ce-{name}")
-        ]
+        missing = [f"ce-{name}" for name in _REQUIRED if not lowered.get(f"ce-{name}")]
         if missing:
             raise EventDecodeError(f"missing required CloudEvent headers: {', '.join(missing)}")
+    else:
+        _check_structured(body)
     try:
         return from_http_event(HTTPMessage(headers=lowered, body=body))
     except UnicodeDecodeError:
         raise EventDecodeError("not a valid CloudEvent: the body is not UTF-8") from None
     except json.JSONDecodeError:
         raise EventDecodeError("not a valid CloudEvent: the body is not valid JSON") from None
+    except RecursionError:
+        raise EventDecodeError("not a valid CloudEvent: the JSON is nested too deeply") from None
     except (BaseCloudEventException, ValueError, TypeError, AttributeError, OverflowError) as error:
         # The SDK raises its own errors for bad attributes, and dateutil's for a time it cannot
-        # read (a JSON array body surfaces as AttributeError). The sender must fix the request.
+        # read. The sender must fix the request; say which attribute where we can tell.
+        if not _readable_time(lowered.get("ce-time") if binary else _structured_time(body)):
+            raise EventDecodeError(
+                "not a valid CloudEvent: the time attribute is not an RFC 3339 timestamp"
+            ) from None
         raise EventDecodeError(f"not a valid CloudEvent: {_short(error)}") from None
+
+
+def _check_structured(body: bytes) -> None:
+    """The SDK fills in a missing id and specversion of a structured event and fails obscurely
+    on a body that is not an object, so check those first (structured mode only: Eventarc
+    itself sends binary mode)."""
+    try:
+        document = json.loads(body)
+    except UnicodeDecodeError:
+        raise EventDecodeError("not a valid CloudEvent: the body is not UTF-8") from None
+    except ValueError:
+        raise EventDecodeError("not a valid CloudEvent: the body is not valid JSON") from None
+    except RecursionError:
+        raise EventDecodeError("not a valid CloudEvent: the JSON is nested too deeply") from None
+    if not isinstance(document, dict):
+        raise EventDecodeError("a structured-mode CloudEvent must be a JSON object")
+    missing = [name for name in _REQUIRED if not document.get(name)]
+    if missing:
+        raise EventDecodeError(f"missing required CloudEvent attributes: {', '.join(missing)}")
+
+
+def _structured_time(body: bytes) -> object:
+    try:
+        return json.loads(body).get("time")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+
+
+def _readable_time(value: object) -> bool:
+    if value is None:
+        return True
+    try:
+        isoparse(unquote(str(value)))
+    except (ValueError, OverflowError):
+        return False
+    return True
 
 
 def _storage_event(
@@ -89,7 +132,9 @@ def _storage_event(
         raise EventDecodeError(
             f"event data must be application/json, not {str(content_type)[:80]!r}"
         )
-    if isinstance(data, str | bytes):
+    if isinstance(data, bytes):
+        raise EventDecodeError("event data is not UTF-8 JSON")
+    if isinstance(data, str):
         raise EventDecodeError("event data is not a JSON object (Cloud Storage StorageObjectData)")
     if not isinstance(data, dict):
         raise EventDecodeError(

@@ -57,7 +57,7 @@ def human_size(size: int) -> str:
     value = float(size)
     for unit in _UNITS[1:]:
         value /= 1024
-        if value < 1024 or unit == _UNITS[-1]:
+        if round(value, 1) < 1024 or unit == _UNITS[-1]:  # never "1024.0 KiB"
             return f"{value:.1f} {unit} ({size:,} bytes)"
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -121,7 +121,7 @@ MALFORMED: dict[str, tuple[dict[str, str], bytes, str]] = {
     "structured, array": (
         {"content-type": "application/cloudevents+json"},
         b"[1, 2]",
-        "not a valid CloudEvent",
+        "must be a JSON object",
     ),
     "batch": ({"content-type": "application/cloudevents-batch+json"}, b"[]", "batched"),
     "bad time": ({**binary()[0], "ce-time": "yesterday"}, binary()[1], "not a valid CloudEvent"),
