@@ -36,7 +36,8 @@ def test_every_stage_is_the_official_slim_python_the_tests_run_on(stages: list[S
     for stage in stages:
         match = SLIM_PYTHON.match(stage.base)
         assert match, f"{stage.base}: expected an official python:X.Y-slim image"
-        assert match["minor"] == tested == running
+        assert match["minor"] == tested, f"{stage.base}: pyproject targets Python {tested}"
+        assert match["minor"] == running, f"{stage.base}: these tests run on Python {running}"
     # One base for all stages: the virtualenv built in one stage runs in the next.
     assert len({stage.base for stage in stages}) == 1
 
