@@ -47,7 +47,7 @@ fmt: $(DEV_STAMP)
 	$(BIN)/ruff format .
 
 bench: $(DEV_STAMP)
-	@echo "bench: not written yet"
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .coverage
+	rm -rf $(VENV) .venv-checkov .venv-contract bench/.venv-ff .mypy_cache .ruff_cache .pytest_cache .hypothesis .coverage
