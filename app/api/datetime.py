@@ -26,16 +26,19 @@ TimeZone = Annotated[
 ]
 
 
-def greeting(requester: str, now: datetime) -> dict[str, str]:
-    zone = now.tzname() or "UTC"
+def greeting(requester: str, now: datetime, zone_name: str = "UTC") -> dict[str, str]:
+    """`timezone` is the IANA name asked for; the message uses the local abbreviation."""
+    abbreviation = now.tzname() or zone_name
     date, time = now.strftime("%Y-%m-%d"), now.strftime("%H:%M:%S")
     return {
         "requester": requester,
         "date": date,
         "time": time,
-        "timezone": zone,
+        "timezone": zone_name,
         "timestamp": now.isoformat(timespec="seconds"),
-        "message": f"Hello {requester}! Today is {now:%A, %d %B %Y} and the time is {time} {zone}.",
+        "message": (
+            f"Hello {requester}! Today is {now:%A, %d %B %Y} and the time is {time} {abbreviation}."
+        ),
     }
 
 
@@ -53,11 +56,15 @@ def _check_requester(value: object) -> str:
         raise BadRequest("requester must be a string")
     if len(value) > MAX_REQUESTER:
         raise BadRequest(f"requester must be at most {MAX_REQUESTER} characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise BadRequest("requester must be text (a lone surrogate escape is not)") from None
     return value
 
 
 def _answer(request: Request, requester: str, tz: str | None) -> Response:
-    values = greeting(requester or "anonymous", datetime.now(_zone(tz)))
+    values = greeting(requester or "anonymous", datetime.now(_zone(tz)), tz or "UTC")
     if "application/json" in request.headers.get("accept", ""):
         return JSONResponse(values)
     return PlainTextResponse(values["message"] + "\n")

@@ -26,6 +26,9 @@ STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 _JSON = re.compile(r"^(application|text)/([a-zA-Z0-9\-.]+\+)?json\s*(;.*)?$", re.IGNORECASE)
 _REQUIRED = ("specversion", "id", "source", "type")
+# JSON may spell a UTF-16 surrogate as an escape; a lone one is valid JSON but no character, and
+# could never be written into an email or a response. Pairs (emoji) are fine.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 _CORE_ATTRIBUTES = frozenset(
     {"id", "source", "type", "specversion", "subject", "time", "datacontenttype", "dataschema"}
 )
@@ -43,6 +46,8 @@ class EventDecodeError(ValueError):
 def decode_event(headers: Mapping[str, str], body: bytes) -> StorageEvent | UnhandledEvent:
     cloud_event = _parse_cloud_event(headers, body)
     attributes = cloud_event.get_attributes()
+    if _SURROGATE_ESCAPE.search(body):
+        _refuse_lone_surrogates(attributes, cloud_event.get_data())
     event_type = str(attributes["type"])
     try:
         known_type = EventType(event_type)
@@ -65,6 +70,7 @@ def _parse_cloud_event(headers: Mapping[str, str], body: bytes) -> BaseCloudEven
             f"or Content-Type {STRUCTURED} (structured mode)"
         )
     if binary:
+        _check_binary_body(lowered, body)
         missing = [f"ce-{name}" for name in _REQUIRED if not lowered.get(f"ce-{name}")]
         if missing:
             raise EventDecodeError(f"missing required CloudEvent headers: {', '.join(missing)}")
@@ -86,6 +92,32 @@ def _parse_cloud_event(headers: Mapping[str, str], body: bytes) -> BaseCloudEven
                 "not a valid CloudEvent: the time attribute is not an RFC 3339 timestamp"
             ) from None
         raise EventDecodeError(f"not a valid CloudEvent: {_short(error)}") from None
+
+
+def _refuse_lone_surrogates(attributes: Mapping[str, Any], data: object) -> None:
+    try:
+        json.dumps(
+            [{str(k): str(v) for k, v in attributes.items()}, data], ensure_ascii=False
+        ).encode()
+    except UnicodeEncodeError:
+        raise EventDecodeError(
+            "event contains a lone UTF-16 surrogate escape (such as \\ud800), which is not text"
+        ) from None
+
+
+def _check_binary_body(headers: Mapping[str, str], body: bytes) -> None:
+    """The SDK quietly hands back text for a JSON body it cannot parse; refuse it with a reason.
+    Only a body that does not start like a JSON object is parsed twice, to tell why."""
+    if not body.strip() or body.lstrip()[:1] == b"{":
+        return
+    if not _JSON.match(headers.get("content-type", "application/json")):
+        return  # the data content type check names the problem
+    try:
+        json.loads(body)
+    except UnicodeDecodeError:
+        raise EventDecodeError("event data is not UTF-8 JSON") from None
+    except (ValueError, RecursionError):
+        raise EventDecodeError("event data is not valid JSON") from None
 
 
 def _check_structured(body: bytes) -> None:
@@ -134,6 +166,9 @@ def _storage_event(
         )
     if isinstance(data, bytes):
         raise EventDecodeError("event data is not UTF-8 JSON")
+    if isinstance(data, str) and data.lstrip().startswith("{"):
+        # Only text that failed to parse comes back from the SDK looking like an object.
+        raise EventDecodeError("event data is not valid JSON")
     if isinstance(data, str):
         raise EventDecodeError("event data is not a JSON object (Cloud Storage StorageObjectData)")
     if not isinstance(data, dict):

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
@@ -120,10 +121,11 @@ class StorageEvent(BaseModel):
         if data.generation is None:
             # Without a generation the change cannot be told apart from a later one on the
             # same name; the event id is the best identity left.
-            return f"{self.type.value}|{data.bucket}|{data.name}|id={self.id}"
-        return (
-            f"{self.type.value}|{data.bucket}|{data.name}|{data.generation}|{data.metageneration}"
-        )
+            parts: list[object] = [self.type.value, data.bucket, data.name, "id", self.id]
+        else:
+            parts = [self.type.value, data.bucket, data.name, data.generation, data.metageneration]
+        # A JSON array cannot be confused across fields, whatever characters the names hold.
+        return json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
 
     def log_fields(self) -> dict[str, str]:
         return {

@@ -53,7 +53,7 @@ def truncate(value: str, limit: int) -> str:
 
 def human_size(size: int) -> str:
     if size < 1024:
-        return f"{size} bytes"
+        return "1 byte" if size == 1 else f"{size} bytes"
     value = float(size)
     for unit in _UNITS[1:]:
         value /= 1024
