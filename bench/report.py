@@ -1,0 +1,324 @@
+"""The side-by-side table, the targets of issue 6 with PASS/FAIL, and the run's details."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections.abc import Callable
+
+from bench import wrk
+from bench.measure import EventSeries, LoadRun, Plan
+
+SERVICE, BASELINE, MINIMAL, QUIET = "service", "ff", "minimal", "service-warning"
+TIMES = "\N{MULTIPLICATION SIGN}"
+CEILING = wrk.CONNECTIONS / 0.1  # 80 requests in flight, each waiting 100 ms on SendGrid
+
+
+@dataclasses.dataclass(slots=True)
+class Figures:
+    plan: Plan
+    machine: dict[str, str]
+    cold_starts: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    events: dict[str, EventSeries] = dataclasses.field(default_factory=dict)
+    datetime: dict[str, LoadRun] = dataclasses.field(default_factory=dict)
+    idle_pss_mib: dict[str, float] = dataclasses.field(default_factory=dict)  # minimal app
+    wall_seconds: float = 0.0
+
+    def cold(self, system: str) -> float:
+        return statistics.median(self.cold_starts[system])
+
+    def rate(self, system: str, latency: int) -> float:
+        return self.events[system].runs[latency].result.per_second
+
+    def problems(self) -> list[str]:
+        found = [f"{name}: {p}" for name, series in self.events.items() for p in series.problems]
+        found += [
+            f"{name} /datetime: {p}" for name, run in self.datetime.items() for p in run.problems
+        ]
+        return found
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Target:
+    text: str
+    measured: str
+    passed: bool
+    valid: bool = True
+
+    @property
+    def verdict(self) -> str:
+        if not self.valid:
+            return "FAIL (invalid run)"
+        return "PASS" if self.passed else "FAIL"
+
+
+def _ratio(numerator: float, denominator: float) -> str:
+    if denominator == 0 or math.isnan(numerator) or math.isnan(denominator):
+        return "—"
+    return f"{numerator / denominator:.2f}{TIMES}"
+
+
+def _safe(getter: Callable[[], float]) -> float:
+    try:
+        return getter()
+    except (KeyError, IndexError, statistics.StatisticsError):
+        return float("nan")
+
+
+def _fmt(value: float, pattern: str) -> str:
+    return "—" if math.isnan(value) else format(value, pattern)
+
+
+def side_by_side(f: Figures) -> str:
+    service, baseline = f.events.get(SERVICE), f.events.get(BASELINE)
+    rows: list[tuple[str, float, float, float, str]] = []  # label, svc, ff, minimal, format
+
+    def run_value(series: EventSeries | None, latency: int, pick: str) -> float:
+        if series is None or latency not in series.runs:
+            return float("nan")
+        run = series.runs[latency]
+        if pick == "cpu":
+            return run.cpu_ms_per_request
+        value: float = getattr(run.result, pick)
+        return value
+
+    def add(label: str, svc: float, ff: float, floor: float, pattern: str) -> None:
+        rows.append((label, svc, ff, floor, pattern))
+
+    add(
+        f"cold start, exec → first 200 on /datetime (s, median of {f.plan.cold_starts})",
+        _safe(lambda: f.cold(SERVICE)),
+        _safe(lambda: f.cold(BASELINE)),
+        _safe(lambda: f.cold(MINIMAL)),
+        ".3f",
+    )
+    per_latency = (
+        ("events/s, SendGrid {} ms", "per_second", ",.0f"),
+        ("p50 latency at {} ms (ms)", "p50_ms", ".1f"),
+        ("p99 latency at {} ms (ms)", "p99_ms", ".1f"),
+        ("server CPU per event at {} ms (ms)", "cpu", ".2f"),
+    )
+    for latency in f.plan.latencies_ms:
+        for label, pick, pattern in per_latency:
+            svc, ff = run_value(service, latency, pick), run_value(baseline, latency, pick)
+            add(label.format(latency), svc, ff, float("nan"), pattern)
+    add(
+        f"share of the concurrency ceiling at 100 ms (events/s ÷ {CEILING:.0f})",
+        run_value(service, 100, "per_second") / CEILING,
+        run_value(baseline, 100, "per_second") / CEILING,
+        float("nan"),
+        ".1%",
+    )
+    dt = f.datetime
+    add(
+        "/datetime requests/s",
+        dt[SERVICE].result.per_second if SERVICE in dt else float("nan"),
+        dt[BASELINE].result.per_second if BASELINE in dt else float("nan"),
+        dt[MINIMAL].result.per_second if MINIMAL in dt else float("nan"),
+        ",.0f",
+    )
+    add(
+        "PSS idle (MiB)",
+        service.pss_idle_mib if service else float("nan"),
+        baseline.pss_idle_mib if baseline else float("nan"),
+        f.idle_pss_mib.get(MINIMAL, float("nan")),
+        ".1f",
+    )
+    svc_events, svc_after = service.pss_final if service else (0, float("nan"))
+    ff_events, ff_after = baseline.pss_final if baseline else (0, float("nan"))
+    add(
+        f"PSS after events (MiB; service {svc_events:,}, baseline {ff_events:,} events)",
+        svc_after,
+        ff_after,
+        float("nan"),
+        ".1f",
+    )
+    add(
+        "PSS growth over those events (MiB)",
+        svc_after - (service.pss_idle_mib if service else float("nan")),
+        ff_after - (baseline.pss_idle_mib if baseline else float("nan")),
+        float("nan"),
+        "+.1f",
+    )
+    lines = [
+        "Ratios above 1 favour the service for events/s and requests/s; below 1 for cold start, "
+        "latency, CPU and memory.",
+        "",
+        "| | this service | functions-framework | service ÷ baseline | minimal FastAPI |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for label, svc, ff, floor, pattern in rows:
+        ratio = _ratio(svc, ff) if "%" not in pattern else "—"
+        lines.append(
+            f"| {label} | {_fmt(svc, pattern)} | {_fmt(ff, pattern)} | {ratio} "
+            f"| {_fmt(floor, pattern)} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(f: Figures) -> list[Target]:
+    found: list[Target] = []
+    service, baseline = f.events.get(SERVICE), f.events.get(BASELINE)
+
+    def valid(*runs: LoadRun | None) -> bool:
+        return all(run is not None and not run.problems for run in runs)
+
+    def run(series: EventSeries | None, latency: int) -> LoadRun | None:
+        return series.runs.get(latency) if series is not None else None
+
+    for latency, factor in ((0, 3.0), (100, 8.0)):
+        svc_run, ff_run = run(service, latency), run(baseline, latency)
+        if svc_run and ff_run:
+            ratio = svc_run.result.per_second / ff_run.result.per_second
+            found.append(
+                Target(
+                    f"events/s at {latency} ms ≥ {factor:.0f}{TIMES} the baseline",
+                    f"{ratio:.2f}{TIMES} ({svc_run.result.per_second:,.0f} vs "
+                    f"{ff_run.result.per_second:,.0f})",
+                    ratio >= factor,
+                    valid(svc_run, ff_run),
+                )
+            )
+    svc_100 = run(service, 100)
+    if svc_100:
+        share = svc_100.result.per_second / CEILING
+        found.append(
+            Target(
+                f"events/s at 100 ms ≥ 90 % of the concurrency ceiling ({0.9 * CEILING:.0f}/s)",
+                f"{share:.1%} ({svc_100.result.per_second:,.0f}/s)",
+                share >= 0.9,
+                valid(svc_100),
+            )
+        )
+        found.append(
+            Target(
+                "p99 at 100 ms ≤ 150 ms",
+                f"{svc_100.result.p99_ms:.1f} ms",
+                svc_100.result.p99_ms <= 150,
+                valid(svc_100),
+            )
+        )
+    if SERVICE in f.cold_starts and MINIMAL in f.cold_starts:
+        ratio = f.cold(SERVICE) / f.cold(MINIMAL)
+        versus_ff = (
+            f", {f.cold(SERVICE) / f.cold(BASELINE):.2f}{TIMES} the baseline"
+            if BASELINE in f.cold_starts
+            else ""
+        )
+        found.append(
+            Target(
+                "cold start within 10 % of the minimal FastAPI app",
+                f"{ratio:.2f}{TIMES} ({f.cold(SERVICE):.3f} s vs {f.cold(MINIMAL):.3f} s"
+                f"{versus_ff})",
+                ratio <= 1.10,
+            )
+        )
+    if service and baseline:
+        found.append(
+            Target(
+                "PSS idle ≤ the baseline's",
+                f"{service.pss_idle_mib:.1f} MiB vs {baseline.pss_idle_mib:.1f} MiB",
+                service.pss_idle_mib <= baseline.pss_idle_mib,
+            )
+        )
+        events, after = service.pss_final
+        growth = after - service.pss_idle_mib
+        found.append(
+            Target(
+                f"PSS growth ≤ 5 MiB over {f.plan.leak_events:,} events",
+                f"{growth:+.1f} MiB over {events:,} events",
+                growth <= 5.0 and events >= f.plan.leak_events,
+                not service.problems,
+            )
+        )
+    return found
+
+
+def targets_table(found: list[Target]) -> str:
+    lines = ["| target (issue 6) | measured | result |", "|---|---|---|"]
+    lines += [f"| {t.text} | {t.measured} | {t.verdict} |" for t in found]
+    return "\n".join(lines)
+
+
+def log_level_table(f: Figures) -> str:
+    default, quiet = f.events.get(SERVICE), f.events.get(QUIET)
+    if default is None or quiet is None:
+        return ""
+    lines = [
+        "| service | LOG_LEVEL=INFO (default) | LOG_LEVEL=WARNING | WARNING ÷ INFO |",
+        "|---|--:|--:|--:|",
+    ]
+    for latency in f.plan.latencies_ms:
+        if latency not in default.runs or latency not in quiet.runs:
+            continue
+        a, b = default.runs[latency], quiet.runs[latency]
+        lines.append(
+            f"| events/s at {latency} ms | {a.result.per_second:,.0f} | "
+            f"{b.result.per_second:,.0f} | {_ratio(b.result.per_second, a.result.per_second)} |"
+        )
+        lines.append(
+            f"| p99 at {latency} ms (ms) | {a.result.p99_ms:.1f} | {b.result.p99_ms:.1f} | "
+            f"{_ratio(b.result.p99_ms, a.result.p99_ms)} |"
+        )
+        lines.append(
+            f"| server CPU per event at {latency} ms (ms) | {a.cpu_ms_per_request:.2f} | "
+            f"{b.cpu_ms_per_request:.2f} | "
+            f"{_ratio(b.cpu_ms_per_request, a.cpu_ms_per_request)} |"
+        )
+    return "\n".join(lines)
+
+
+def details(f: Figures) -> str:
+    lines = ["Cold starts (s, every run):"]
+    for system, values in f.cold_starts.items():
+        lines.append(f"- {system}: " + ", ".join(f"{v:.3f}" for v in values))
+    lines.append("")
+    lines.append("PSS along the runs (events processed so far → MiB):")
+    for system, series in f.events.items():
+        samples = ", ".join(f"{events:,} → {kib / 1024:.1f}" for events, kib in series.pss_kib)
+        lines.append(f"- {system}: {samples}")
+    lines.append("")
+    problems = f.problems()
+    if problems:
+        lines.append("**INVALID RUNS** (a run with errors is not a result):")
+        lines += [f"- {problem}" for problem in problems]
+    else:
+        lines.append(
+            "Checks: every run answered 2xx only, with no socket errors, and the fake SendGrid "
+            f"accepted one mail per 2xx answer (plus at most {wrk.CONNECTIONS} for the requests "
+            "in flight when wrk stopped counting)."
+        )
+    return "\n".join(lines)
+
+
+def machine_line(f: Figures) -> str:
+    m = f.machine
+    return (
+        f"{m['date']} · {m['nproc']} CPUs ({m['cpu']}) · Linux {m['kernel']} · "
+        f"Python {m['python']} · {m['wrk']} · functions-framework {m['ff']} · "
+        f"load average at start {m['load']} · the bench took {f.wall_seconds / 60:.1f} min"
+    )
+
+
+def render(f: Figures) -> str:
+    quick = (
+        "" if f.plan == Plan() else "\n**Quick run: shorter than `make bench`, not comparable.**\n"
+    )
+    parts = [
+        "## Latest run",
+        "",
+        machine_line(f),
+        quick,
+        side_by_side(f),
+        "",
+        "### Targets",
+        "",
+        targets_table(targets(f)),
+        "",
+    ]
+    levels = log_level_table(f)
+    if levels:
+        parts += ["### What LOG_LEVEL=WARNING changes", "", levels, ""]
+    parts += ["### Details", "", details(f), ""]
+    return "\n".join(parts)
