@@ -15,12 +15,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
-from app.delivery.pipeline import InFlight
-from app.delivery.store import StoreUnavailable
-from app.events.decode import EventDecodeError
+from app.delivery.store import InFlight, StoreUnavailable
+from app.events.errors import EventDecodeError
 from app.notify.base import TransientDeliveryError
+from app.security.errors import CertificatesUnavailable, EventAuthError, Forbidden
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,24 @@ async def _http(_: Request, error: HTTPException) -> JSONResponse:
     return problem(error.status_code, detail, headers=error.headers)
 
 
+async def _refused(_: Request, error: EventAuthError) -> JSONResponse:
+    if isinstance(error, CertificatesUnavailable):
+        # Not the caller's fault: Eventarc retries, nothing is lost.
+        log.error("cannot verify event tokens", extra={"reason": str(error)})
+        return problem(503, str(error), headers=_retry(None))
+    status = 403 if isinstance(error, Forbidden) else 401
+    log.warning("event delivery refused", extra={"status": status, "reason": str(error)})
+    headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if status == 401 else None
+    return problem(status, str(error), headers=headers)
+
+
+async def _disconnected(request: Request, _: Exception) -> JSONResponse:
+    # The client hung up before its body arrived: nobody is left to answer, and Eventarc
+    # redelivers what it did not see acknowledged.
+    log.info("client disconnected before sending its body", extra={"path": request.url.path})
+    return problem(400, "client disconnected")
+
+
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     # A bug, not the client's fault. The trace goes to the log; the client learns nothing more.
     log.exception("unhandled error", extra={"path": request.url.path})
@@ -122,6 +141,8 @@ def install(app: FastAPI) -> None:
         (InFlight, _in_flight),
         (TransientDeliveryError, _transient),
         (StoreUnavailable, _store_unavailable),
+        (EventAuthError, _refused),
+        (ClientDisconnect, _disconnected),
         (RequestValidationError, _validation),
         (HTTPException, _http),
         (Exception, _unexpected),

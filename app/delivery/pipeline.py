@@ -1,24 +1,27 @@
 """The one place that decides what happens to an event.
 
-For each notification the event yields (split into batches the notifier can take in one request):
-claim its key -> send -> mark it done; on a transient failure release the claim and ask Eventarc to
-deliver again; on a permanent rejection keep the event in the dead-letter box and release the claim
-so a replay can send. An event is answered 2xx only once every notification has been accepted, or
-the event is safely dead-lettered.
+The request is decoded into a StorageEvent. For each notification the event yields (split into
+batches the notifier can take in one request): claim its key -> send -> mark it done; on a
+transient failure release the claim and ask Eventarc to deliver again; on a permanent rejection
+keep the event in the dead-letter box and release the claim so a replay can send. An event is
+answered 2xx only once every notification has been accepted, or the event is safely
+dead-lettered.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 from app.config import DONE_RETENTION_SECONDS
 from app.delivery.deadletter import DeadLetterBox
 from app.delivery.routes import notifications_for
-from app.delivery.store import Claim, IdempotencyStore
-from app.events.models import StorageEvent
+from app.delivery.store import Claim, IdempotencyStore, InFlight
+from app.events.decode import decode_event
+from app.events.models import StorageEvent, UnhandledEvent
 from app.notify.base import (
     ConfigurationError,
     Notification,
@@ -44,10 +47,6 @@ class Result:
     sent: int = 0  # notifications accepted by this delivery
 
 
-class InFlight(Exception):
-    """Another delivery of the same change is sending right now: answer 409, Eventarc retries."""
-
-
 @dataclass(frozen=True, slots=True)
 class Audience:
     recipients: tuple[str, ...]
@@ -69,6 +68,18 @@ class Pipeline:
         self.audience = audience
         self.dead_letters = dead_letters
         self.lease_seconds = lease_seconds
+
+    async def receive(self, headers: Mapping[str, str], body: bytes) -> Result:
+        """An HTTP delivery's headers and body -> what became of the event."""
+        event = decode_event(headers, body)
+        if isinstance(event, UnhandledEvent):
+            # Acknowledged: any other answer makes Eventarc retry it for 24 hours.
+            log.warning(
+                "event type not handled, ignored",
+                extra={"event_id": event.id, "event_type": event.type, "source": event.source},
+            )
+            return Result(Outcome.IGNORED, event.id)
+        return await self.handle(event)
 
     async def handle(self, event: StorageEvent) -> Result:
         notifications = [

@@ -19,6 +19,10 @@ class Claim(StrEnum):
     DONE = "done"  # already sent
 
 
+class InFlight(Exception):
+    """Another delivery of the same change is sending right now: answer 409, Eventarc retries."""
+
+
 class StoreUnavailable(Exception):
     """The store could not be read or written; the delivery must be retried later."""
 

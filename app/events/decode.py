@@ -20,7 +20,10 @@ from cloudevents.core.exceptions import BaseCloudEventException
 from dateutil.parser import isoparse
 from pydantic import ValidationError
 
+from app.events.errors import EventDecodeError
 from app.events.models import EventType, StorageEvent, StorageObjectData, UnhandledEvent
+
+__all__ = ["EventDecodeError", "decode_event"]
 
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
@@ -32,15 +35,6 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 _CORE_ATTRIBUTES = frozenset(
     {"id", "source", "type", "specversion", "subject", "time", "datacontenttype", "dataschema"}
 )
-
-
-class EventDecodeError(ValueError):
-    """The request is not a usable CloudEvent; `problems` say what is wrong, field by field."""
-
-    def __init__(self, detail: str, problems: list[dict[str, str]] | None = None) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.problems = problems or []
 
 
 def decode_event(headers: Mapping[str, str], body: bytes) -> StorageEvent | UnhandledEvent:

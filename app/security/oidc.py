@@ -35,7 +35,25 @@ import aiohttp
 from google.auth import crypt, jwt
 from google.auth import exceptions as google_exceptions
 
+from app.security.errors import (
+    CertificatesUnavailable,
+    EventAuthError,
+    Forbidden,
+    Unauthenticated,
+)
+
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "GOOGLE_CERTS_URL",
+    "GOOGLE_ISSUERS",
+    "CertificatesUnavailable",
+    "Claims",
+    "EventAuthError",
+    "Forbidden",
+    "OidcVerifier",
+    "Unauthenticated",
+]
 
 GOOGLE_CERTS_URL: Final = "https://www.googleapis.com/oauth2/v1/certs"
 # The issuers google.oauth2.id_token accepts for Google-signed ID tokens.
@@ -64,22 +82,6 @@ _GOOGLE_AUTH_REASONS: Final = (
     ("Token used too early", "token used before it was issued"),
     ("Token does not contain required claim", "token lacks iat or exp"),
 )
-
-
-class EventAuthError(Exception):
-    """An event delivery whose caller could not be accepted; `str(error)` is safe to show."""
-
-
-class Unauthenticated(EventAuthError):
-    """No valid Google ID token addressed to this service: answer 401."""
-
-
-class Forbidden(EventAuthError):
-    """A valid token of an identity that may not deliver events: answer 403."""
-
-
-class CertificatesUnavailable(EventAuthError):
-    """Google's signing certificates could not be fetched: answer 503 so Eventarc retries."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -228,3 +229,27 @@ def test_a_body_that_trickles_in_too_slowly_gets_408(
         answer = sock.recv(65536).decode()
     assert answer.startswith("HTTP/1.1 408")
     assert "not received within 0.5 s" in answer
+
+
+def test_a_client_hanging_up_mid_body_is_not_logged_as_an_error(
+    outbox_server: ThreadedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    headers, body = binary()
+    lines = [
+        "POST / HTTP/1.1",
+        f"host: 127.0.0.1:{outbox_server.port}",
+        f"content-length: {len(body)}",
+    ]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    with caplog.at_level(logging.INFO):
+        with socket.create_connection(("127.0.0.1", outbox_server.port), timeout=10) as sock:
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body[:10])
+        assert httpx.get(outbox_server.url + "/healthz").status_code == 200
+        deadline = time.monotonic() + 5
+        while (
+            not any("disconnected" in r.getMessage() for r in caplog.records)
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+    assert any("client disconnected" in record.getMessage() for record in caplog.records)
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
