@@ -19,8 +19,12 @@ TRACE_KEY = "logging.googleapis.com/trace"
 current_trace: ContextVar[str | None] = ContextVar("current_trace", default=None)
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and becomes a field.
-_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-_DROPPED = frozenset({"color_message"})  # uvicorn's ANSI-coloured copy of the message
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",  # uvicorn's ANSI-coloured copy of the message
+}
 
 
 def trace_from_header(header: str | None, project: str | None) -> str | None:
@@ -35,6 +39,7 @@ def trace_from_header(header: str | None, project: str | None) -> str | None:
 
 class CloudLoggingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        fields = vars(record)
         entry: dict[str, Any] = {
             "severity": record.levelname,
             "message": record.getMessage(),
@@ -44,9 +49,11 @@ class CloudLoggingFormatter(logging.Formatter):
         trace = current_trace.get()
         if trace:
             entry[TRACE_KEY] = trace
-        for key, value in vars(record).items():
-            if key not in _STANDARD and key not in _DROPPED and not key.startswith("_"):
-                entry[key] = value
+        # Whatever was passed through `extra=` becomes a field (set arithmetic: this runs for
+        # every line the service writes).
+        for key in fields.keys() - _STANDARD:
+            if not key.startswith("_"):
+                entry[key] = fields[key]
         if record.exc_info:
             # Exceptions are ours to debug, never shown to clients; keep them in the log line.
             entry["exception"] = self.formatException(record.exc_info)

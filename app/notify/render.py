@@ -20,6 +20,7 @@ SUBJECT_LIMIT = 200
 # sees (Trojan Source, CVE-2021-42574). One precompiled class: this runs on every value rendered.
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _SPACES = re.compile(r"\s+")
+_HTML_SPECIAL = re.compile("[&<>\"']")
 _UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
 
@@ -43,6 +44,12 @@ def visible(value: str) -> str:
 def _escape(match: re.Match[str]) -> str:
     char = match.group()
     return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
+def escape_html(value: str) -> str:
+    """html.escape, skipped for the common value that has nothing to escape (a regex search
+    costs a fifth of html.escape's five replacements)."""
+    return html.escape(value, quote=True) if _HTML_SPECIAL.search(value) else value
 
 
 def truncate(value: str, limit: int) -> str:
@@ -101,13 +108,13 @@ def render(event: StorageEvent, headline: str) -> Rendered:
     text_lines += ["", f"Open in the Cloud Console: {link}", ""]
 
     cells = "\n".join(
-        f'<tr><th align="left">{html.escape(label)}</th><td>{html.escape(value)}</td></tr>'
+        f'<tr><th align="left">{escape_html(label)}</th><td>{escape_html(value)}</td></tr>'
         for label, value in shown
     )
     body_html = (
         "<!DOCTYPE html>\n<html><body>\n"
-        f"<p>{html.escape(intro)}</p>\n<table>\n{cells}\n</table>\n"
-        f'<p><a href="{html.escape(link, quote=True)}">Open in the Cloud Console</a></p>\n'
+        f"<p>{escape_html(intro)}</p>\n<table>\n{cells}\n</table>\n"
+        f'<p><a href="{escape_html(link)}">Open in the Cloud Console</a></p>\n'
         "</body></html>\n"
     )
     return Rendered(subject=subject, text="\n".join(text_lines), html=body_html)

@@ -1,9 +1,8 @@
-"""SendGrid v3 Mail Send: the body built with the `sendgrid` package, sent with aiohttp.
+"""SendGrid v3 Mail Send: the body built with the `sendgrid` package, sent with app.notify.http.
 
 The `sendgrid` client itself is synchronous urllib with no timeout and a new connection per call,
-so it would either block the event loop or need a thread per in-flight email. aiohttp keeps a pool
-of connections and sustains thousands of requests per second with 80 in flight (measured here,
-see BENCHMARKS.md); the package's `Mail` helpers still build the documented request body.
+so it would either block the event loop or need a thread per in-flight email. Its `Mail` helpers
+still build the documented request body; the keep-alive client in app/notify/http.py sends it.
 """
 
 from __future__ import annotations
@@ -12,9 +11,9 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
 from pydantic import SecretStr
 from sendgrid.helpers.mail import (
     Content,
@@ -34,12 +33,14 @@ from app.notify.base import (
     RejectedDeliveryError,
     TransientDeliveryError,
 )
+from app.notify.http import HttpClient, HttpError
 
 log = logging.getLogger(__name__)
 
 # https://www.twilio.com/docs/sendgrid/api-reference/mail-send/mail-send: at most 1,000
 # personalizations and 1,000 recipients per request.
 MAX_RECIPIENTS = 1000
+SEND_PATH = "/v3/mail/send"
 RETRY_AFTER_BOUNDS = (1.0, 600.0)  # Eventarc's own backoff runs from 10 s to 600 s
 
 
@@ -91,10 +92,9 @@ def _error_messages(payload: bytes) -> list[str] | None:
         return None
 
 
-def _retry_after(headers: Any, now: float) -> float | None:
-    reset = headers.get("X-RateLimit-Reset")
+def _retry_after(headers: Mapping[str, str], now: float) -> float | None:
     try:
-        seconds = float(reset) - now
+        seconds = float(headers.get("x-ratelimit-reset", "")) - now
     except (TypeError, ValueError):
         return None
     low, high = RETRY_AFTER_BOUNDS
@@ -108,47 +108,32 @@ class SendGridNotifier:
     def __init__(
         self, *, api_key: SecretStr, host: str, timeout: float, sandbox: bool = False
     ) -> None:
-        self._api_key = api_key
-        self._url = f"{host.rstrip('/')}/v3/mail/send"
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._sandbox = sandbox
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            # Cloud Run sends up to 80 requests at once; keep that many connections warm.
-            connector = aiohttp.TCPConnector(limit=128, keepalive_timeout=30)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self._timeout,
-                headers={
-                    "Authorization": f"Bearer {self._api_key.get_secret_value()}",
-                    "User-Agent": "gcs-notifier",
-                },
-                json_serialize=json.dumps,
-            )
-        return self._session
+        # The key goes into the client's fixed headers and nowhere else: never logged or shown.
+        self._http = HttpClient(
+            host,
+            timeout=timeout,
+            headers={"Authorization": f"Bearer {api_key.get_secret_value()}"},
+        )
 
     async def send(self, notification: Notification) -> Receipt:
-        body = build_body(notification, sandbox=self._sandbox)
+        payload = json.dumps(build_body(notification, sandbox=self._sandbox)).encode()
         try:
-            async with self._client().post(self._url, json=body) as response:
-                payload = await response.read()
-                status, headers = response.status, response.headers
-        except TimeoutError as error:
-            raise TransientDeliveryError("SendGrid did not answer in time") from error
-        except aiohttp.ClientError as error:
-            raise TransientDeliveryError(f"SendGrid unreachable: {type(error).__name__}") from error
-        if status in (200, 202):  # 200 is sandbox mode: validated, not delivered
+            response = await self._http.post(SEND_PATH, payload, "application/json")
+        except HttpError as error:
+            if error.timed_out:
+                raise TransientDeliveryError("SendGrid did not answer in time") from error
+            raise TransientDeliveryError(f"SendGrid unreachable: {error}") from error
+        if response.status in (200, 202):  # 200 is sandbox mode: validated, not delivered
             return Receipt(
                 notifier=self.name,
-                message_id=headers.get("X-Message-Id"),
-                sandbox=status == 200,
+                message_id=response.headers.get("x-message-id"),
+                sandbox=response.status == 200,
             )
-        raise self._failure(status, headers, payload, notification)
+        raise self._failure(response.status, response.headers, response.body, notification)
 
     def _failure(
-        self, status: int, headers: Any, payload: bytes, notification: Notification
+        self, status: int, headers: Mapping[str, str], payload: bytes, notification: Notification
     ) -> Exception:
         messages = _error_messages(payload)
         fields = {
@@ -172,6 +157,4 @@ class SendGridNotifier:
         return TransientDeliveryError(f"SendGrid answered {status}", retry_after=retry_after)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.aclose()
