@@ -7,6 +7,7 @@ closed when the server stops, after in-flight requests have finished.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -68,6 +69,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime(settings, notifier=notifier, store=store)
         app.state.runtime = runtime
+        gc.freeze()  # start-up's objects live as long as the process: keep GC passes short
         try:
             yield
         finally:

@@ -5,7 +5,8 @@ once. Measured here, aiohttp spent about 300 µs of CPU per request on that (coo
 hooks, header merging, URL objects) and httpx's pool collapsed to about 70 requests/s with 80 in
 flight. This client writes the request in one call and parses the answer with httptools (llhttp,
 the parser Node.js uses, already installed with uvicorn), for a fraction of that; see
-BENCHMARKS.md. What it leaves out on purpose: redirects, proxies, cookies, compression, HTTP/2.
+BENCHMARKS.md. What it leaves out on purpose: redirects, proxies, cookies, compression, HTTP/2,
+pipelining, and HEAD (the parser would wait for the body a HEAD answer announces but never sends).
 """
 
 from __future__ import annotations
@@ -51,34 +52,69 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
+        self._until_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's do not subclass asyncio.Transport, hence the cast).
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.answer is None or self.answer.done():
+            # Bytes nobody asked for (a 408 before the server closes, say): the next answer
+            # read from this connection could be theirs, so it is not used again.
+            self.close()
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as error:
             self._fail(HttpError(f"malformed HTTP response: {type(error).__name__}"))
             self.close()
+        except httptools.HttpParserUpgrade:  # a 101 answer; no request here asks for one
+            self._fail(HttpError("unexpected protocol upgrade"))
+            self.close()
+
+    def eof_received(self) -> None:
+        self.closed = True  # before connection_lost: the transport is already closing
+        if self._until_eof and self.answer is not None and not self.answer.done():
+            # Neither Content-Length nor Transfer-Encoding: the body ends where the server
+            # closes the connection (RFC 9112 §6.3, item 8). Only a clean close ends it; a
+            # reset (connection_lost with an error) leaves it incomplete.
+            self.answer.set_result(self._response(self.parser.get_status_code()))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._fail(HttpError("connection closed before the response was complete"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        # A repeated field is one list-valued field (RFC 9110 §5.3): `Cache-Control: public`
+        # then `Cache-Control: max-age=60` means both.
+        self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
+
+    def on_headers_complete(self) -> None:
+        self._until_eof = "content-length" not in self._headers and (
+            "transfer-encoding" not in self._headers
+        )
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        status = self.parser.get_status_code()
+        response = self._response(status)
+        if status < 200:
+            return  # an interim answer (100 Continue, 103 Early Hints); the final one follows
+        answer = self.answer
+        if answer is None or answer.done():
+            self.close()  # a second answer to one request: this connection is out of step
+            return
         self.reusable = self.parser.should_keep_alive()
-        response = HttpResponse(self.parser.get_status_code(), self._headers, b"".join(self._body))
-        self._headers, self._body = {}, []
-        if self.answer is not None and not self.answer.done():
-            self.answer.set_result(response)
+        answer.set_result(response)
+
+    def _response(self, status: int) -> HttpResponse:
+        response = HttpResponse(status, self._headers, b"".join(self._body))
+        self._headers, self._body, self._until_eof = {}, [], False
+        return response
 
     def request(self, payload: bytes) -> asyncio.Future[HttpResponse]:
         """Write one request; `connection_made` has run (create_connection awaits it)."""
@@ -91,6 +127,12 @@ class _Connection(asyncio.Protocol):
     def _fail(self, error: HttpError) -> None:
         if self.answer is not None and not self.answer.done():
             self.answer.set_exception(error)
+
+    @property
+    def usable(self) -> bool:
+        # A transport closing on its own (a reset just read) is not yet `closed`: writing to
+        # it would be lost under asyncio and raise RuntimeError under uvloop.
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
 
     def close(self) -> None:
         self.closed = True
@@ -120,7 +162,8 @@ class HttpClient:
         )
         self._prefix = parts.path.rstrip("/")
         default_port = self._port == (443 if parts.scheme == "https" else 80)
-        host_header = self._host if default_port else f"{self._host}:{self._port}"
+        host = f"[{self._host}]" if ":" in self._host else self._host  # IPv6 (RFC 9110 §7.2)
+        host_header = host if default_port else f"{host}:{self._port}"
         fixed = {"Host": host_header, "User-Agent": "gcs-notifier", **(headers or {})}
         self._fixed_headers = "".join(f"{name}: {value}\r\n" for name, value in fixed.items())
         self._timeout = timeout
@@ -169,7 +212,7 @@ class HttpClient:
         now = time.monotonic()
         while self._idle:
             connection = self._idle.pop()  # the most recently used is the most likely alive
-            if not connection.closed and now - connection.idle_since < IDLE_SECONDS:
+            if connection.usable and now - connection.idle_since < IDLE_SECONDS:
                 return connection
             self._discard(connection)
         return None

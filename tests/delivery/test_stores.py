@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -152,3 +154,45 @@ def test_unreachable_redis_raises_store_unavailable() -> None:
 def test_unknown_store_url_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown idempotency store"):
         open_store("postgres://x")
+
+
+def test_sqlite_maintenance_purges_expired_records_and_keeps_live_ones(tmp_path: Path) -> None:
+    from app.delivery.sqlite_store import SqliteStore
+
+    async def scenario() -> None:
+        store = SqliteStore(str(tmp_path / "notifier.db"))
+        await store.claim("expired", "a", 60)
+        await store.complete("expired", "a", 0.01)
+        await store.claim("kept", "a", 60)
+        await store.complete("kept", "a", 3600)
+        await asyncio.sleep(0.05)
+        store.maintain(time.time())
+        rows = sqlite3.connect(tmp_path / "notifier.db").execute("SELECT COUNT(*) FROM deliveries")
+        assert rows.fetchone() == (1,)
+        assert await store.claim("kept", "b", 60) is Claim.DONE
+        assert await store.claim("expired", "b", 60) is Claim.CLAIMED
+        await store.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_sqlite_writes_trigger_background_maintenance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.delivery import sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "MAINTAIN_EVERY", 10)
+    wal = tmp_path / "notifier.db-wal"
+
+    async def scenario() -> None:
+        store = sqlite_store.SqliteStore(str(tmp_path / "notifier.db"))
+        for index in range(30):
+            await store.claim(f"k{index}", "a", 60)
+            await store.complete(f"k{index}", "a", 0)
+        await asyncio.sleep(0.1)
+        await store.aclose()  # waits for the maintenance under way, then truncates the WAL
+
+    asyncio.run(scenario())
+    rows = sqlite3.connect(tmp_path / "notifier.db").execute("SELECT COUNT(*) FROM deliveries")
+    assert rows.fetchone()[0] < 30  # of 30 keys, the expired ones were purged along the way
+    assert not wal.exists() or wal.stat().st_size == 0
