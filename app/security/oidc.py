@@ -22,6 +22,7 @@ No message, log record or exception chain produced here contains the token.
 """
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -31,10 +32,10 @@ from types import TracebackType
 from typing import Final, Self
 from urllib.parse import urlsplit
 
-import aiohttp
 from google.auth import crypt, jwt
 from google.auth import exceptions as google_exceptions
 
+from app.notify.http import HttpClient, HttpError
 from app.security.errors import (
     CertificatesUnavailable,
     EventAuthError,
@@ -104,8 +105,8 @@ class OidcVerifier:
     `min_refetch_interval` seconds, so tokens with made-up key ids cannot make the service
     hammer Google, and concurrent verifications waiting for certificates share one fetch.
 
-    The HTTP session is `session` when given (left open by `close()`), otherwise one created
-    on first use in the running event loop and closed by `close()`.
+    Fetches go through an `HttpClient` for the certificates URL's origin, created on first use
+    in the running event loop and closed by `close()`.
     """
 
     def __init__(
@@ -115,7 +116,6 @@ class OidcVerifier:
         invokers: frozenset[str],
         audiences: frozenset[str] = frozenset(),
         clock_skew: int = 60,
-        session: aiohttp.ClientSession | None = None,
         fetch_timeout: float = 5.0,
         min_refetch_interval: float = 30.0,
         monotonic: Callable[[], float] = time.monotonic,
@@ -126,11 +126,10 @@ class OidcVerifier:
         self._invokers = frozenset(invoker.strip().lower() for invoker in invokers)
         self._audiences = audiences
         self._clock_skew = clock_skew
-        self._fetch_timeout = aiohttp.ClientTimeout(total=fetch_timeout)
+        self._fetch_timeout = fetch_timeout
         self._min_refetch_interval = min_refetch_interval
         self._monotonic = monotonic
-        self._session = session
-        self._owns_session = session is None
+        self._http: HttpClient | None = None
         self._lock = asyncio.Lock()
         self._certificates: dict[str, str] = {}
         self._certificates_expire_at = float("-inf")
@@ -150,11 +149,11 @@ class OidcVerifier:
         await self.close()
 
     async def close(self) -> None:
-        """Close the session this verifier created; it opens a new one if used again."""
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-            self._session = None
-            # A new session may run in a new event loop: so must the lock.
+        """Close the HTTP client's connections; a new client is made if used again."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+            # A new client may run in a new event loop: so must the lock.
             self._lock = asyncio.Lock()
 
     async def verify(self, authorization: str | None, request_url: str) -> Claims:
@@ -244,7 +243,7 @@ class OidcVerifier:
         failed = True
         try:
             certificates, max_age = await self._download_certificates()
-        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+        except (HttpError, ValueError) as error:
             log.warning(
                 "could not fetch signing certificates",
                 extra={
@@ -272,15 +271,16 @@ class OidcVerifier:
             self._fetches_finished += 1
 
     async def _download_certificates(self) -> tuple[dict[str, str], int]:
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        async with self._session.get(
-            self._certs_url, timeout=self._fetch_timeout, allow_redirects=False
-        ) as response:
-            if response.status != 200:
-                raise ValueError(f"certificates endpoint answered HTTP {response.status}")
-            body: object = await response.json(content_type=None)
-            max_age = _max_age(response.headers.get("Cache-Control"))
+        # HttpError when there is no answer; ValueError for a bad URL or answer. Redirects are
+        # not followed: a 3xx is an answer other than 200.
+        origin, target = _origin_and_target(self._certs_url)
+        if self._http is None:
+            self._http = HttpClient(origin, timeout=self._fetch_timeout)
+        response = await self._http.get(target)
+        if response.status != 200:
+            raise ValueError(f"certificates endpoint answered HTTP {response.status}")
+        body: object = json.loads(response.body)
+        max_age = _max_age(response.headers.get("cache-control"))
         if not isinstance(body, dict):
             raise ValueError("certificates endpoint did not answer a JSON object")
         certificates = {
@@ -365,6 +365,15 @@ def _is_certificate(kid: str, pem: str) -> bool:
         log.warning("ignoring an unreadable signing certificate", extra={"kid": kid})
         return False
     return True
+
+
+def _origin_and_target(url: str) -> tuple[str, str]:
+    """`https://host:port/path?query` -> (`https://host:port`, `/path?query`)."""
+    parts = urlsplit(url)
+    target = parts.path or "/"
+    if parts.query:
+        target += f"?{parts.query}"
+    return f"{parts.scheme}://{parts.netloc}", target
 
 
 def _max_age(cache_control: str | None) -> int:

@@ -13,7 +13,6 @@ import traceback
 from collections.abc import Awaitable, Iterator
 from typing import Any
 
-import aiohttp
 import pytest
 from google.auth import crypt, jwt
 
@@ -575,16 +574,24 @@ def test_concurrent_verifications_with_a_new_kid_share_one_refetch(
     assert {c.email for c in claims} == {INVOKER}
 
 
-def test_a_session_handed_in_is_used_and_left_open(certs: CertsServer, key: SigningKey) -> None:
-    async def scenario() -> bool:
-        async with aiohttp.ClientSession() as session:
-            verifier = make_verifier(certs, session=session)
-            await verifier.verify(bearer(mint_token(key)), REQUEST_URL)
-            await verifier.close()
-            return session.closed
+def test_a_closed_verifier_keeps_its_certificates_and_fetches_again_in_a_new_loop(
+    certs: CertsServer, key: SigningKey, monotonic: FakeMonotonic
+) -> None:
+    verifier = make_verifier(certs, monotonic=monotonic)
 
-    assert asyncio.run(scenario()) is False
+    async def verify_then_close() -> Claims:
+        try:
+            return await verifier.verify(bearer(mint_token(key)), REQUEST_URL)
+        finally:
+            await verifier.close()
+
+    assert asyncio.run(verify_then_close()).email == INVOKER
+    assert asyncio.run(verify_then_close()).email == INVOKER  # cached: no fetch
     assert certs.fetches == 1
+
+    monotonic.now += 3601
+    assert asyncio.run(verify_then_close()).email == INVOKER
+    assert certs.fetches == 2
 
 
 # --- 503: certificates unavailable ----------------------------------------------------------
@@ -615,6 +622,20 @@ def test_unreachable_certificates_are_a_distinct_error(
         verify_once(certs, bearer(mint_token(key)))
     assert not isinstance(caught.value, Unauthenticated | Forbidden)
     assert str(caught.value) == "Google's signing certificates are unavailable"
+
+
+def test_a_certificates_endpoint_slower_than_the_fetch_timeout_is_unavailable(
+    certs: CertsServer, key: SigningKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    certs.delay = 1.0
+
+    started = time.monotonic()
+    with pytest.raises(CertificatesUnavailable):
+        verify_once(certs, bearer(mint_token(key)), fetch_timeout=0.2)
+
+    assert time.monotonic() - started < 0.9
+    [warning] = [r for r in caplog.records if r.getMessage().startswith("could not fetch")]
+    assert vars(warning)["error"] == "no answer in time"
 
 
 def test_an_outage_is_not_retried_on_every_request(
