@@ -1,7 +1,7 @@
 """What the service runs on, opened on first use and closed at shutdown.
 
-The event path (CloudEvents SDK, the idempotency store, aiohttp and the `sendgrid` package,
-google-auth) costs about 0.4 s to import and 15 MiB of memory. None of it is needed to start
+The event path (the CloudEvents SDK, the idempotency store, the `sendgrid` package, google-auth)
+costs a noticeable share of start-up time and memory. None of it is needed to start
 serving or to answer `/datetime`, so it loads when the first event arrives: an instance started
 for `/datetime` starts as fast as a bare FastAPI app, and one started by an event pays the same
 total either way.

@@ -1,8 +1,8 @@
-"""SendGrid v3 Mail Send: the body built with the `sendgrid` package, sent with app.notify.http.
+"""SendGrid v3 Mail Send: the body built with the `sendgrid` package, sent with app.http.
 
 The `sendgrid` client itself is synchronous urllib with no timeout and a new connection per call,
 so it would either block the event loop or need a thread per in-flight email. Its `Mail` helpers
-still build the documented request body; the keep-alive client in app/notify/http.py sends it.
+still build the documented request body; the keep-alive client in app/http.py sends it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from sendgrid.helpers.mail import (
     To,
 )
 
+from app.http import HttpClient, HttpError
 from app.notify.base import (
     ConfigurationError,
     Notification,
@@ -33,7 +34,6 @@ from app.notify.base import (
     RejectedDeliveryError,
     TransientDeliveryError,
 )
-from app.notify.http import HttpClient, HttpError
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 from google.auth import crypt, jwt
 from google.auth import exceptions as google_exceptions
 
-from app.notify.http import HttpClient, HttpError
+from app.http import HttpClient, HttpError
 from app.security.errors import (
     CertificatesUnavailable,
     EventAuthError,

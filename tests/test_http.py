@@ -1,4 +1,4 @@
-"""app.notify.http against real servers on loopback, under both event loops the service runs on.
+"""app.http against real servers on loopback, under both event loops the service runs on.
 
 Each scenario starts a scripted server (`asyncio.start_server`) in the client's own event loop.
 The server records every connection and every raw request; the test's `reply` function decides,
@@ -33,8 +33,8 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.notify import http
-from app.notify.http import HttpClient, HttpError, HttpResponse
+from app import http
+from app.http import HttpClient, HttpError, HttpResponse
 
 T = TypeVar("T")
 
