@@ -1,50 +1,66 @@
-"""In-process store: for tests and throwaway runs (forgets everything on restart)."""
+"""In-process records: the lease table every single-process store keeps its claims in, and the
+memory store (for tests and throwaway runs: it forgets everything on restart)."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from app.delivery.store import Claim
 
-_PURGE_EVERY = 1024
+_SWEEP_EVERY = 1024
 
 
-@dataclass(slots=True)
-class _Entry:
-    done: bool
-    owner: str
-    expires_at: float
+class Leases:
+    """Key -> (owner, expiry), swept now and then. Every call runs on the event loop thread
+    without awaiting, so check-then-set is atomic."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[str, float]] = {}
+        self._writes = 0
+
+    def held(self, key: str, now: float) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry[1] > now
+
+    def take(self, key: str, owner: str, expires_at: float) -> None:
+        self._entries[key] = (owner, expires_at)
+        self._writes += 1
+        if self._writes % _SWEEP_EVERY == 0:
+            now = time.time()
+            for stale in [k for k, (_, expiry) in self._entries.items() if expiry <= now]:
+                del self._entries[stale]
+
+    def drop(self, key: str, owner: str | None = None) -> None:
+        """Forget the lease; with `owner`, only while that owner still holds it."""
+        entry = self._entries.get(key)
+        if entry is not None and (owner is None or entry[0] == owner):
+            del self._entries[key]
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 class MemoryStore:
     def __init__(self) -> None:
-        self._entries: dict[str, _Entry] = {}
-        self._writes = 0
+        self._claims = Leases()
+        self._done = Leases()
 
     async def claim(self, key: str, owner: str, lease_seconds: float) -> Claim:
         now = time.time()
-        entry = self._entries.get(key)
-        if entry is not None and entry.expires_at > now:
-            return Claim.DONE if entry.done else Claim.IN_FLIGHT
-        self._entries[key] = _Entry(done=False, owner=owner, expires_at=now + lease_seconds)
-        self._purge(now)
+        if self._done.held(key, now):
+            return Claim.DONE
+        if self._claims.held(key, now):
+            return Claim.IN_FLIGHT
+        self._claims.take(key, owner, now + lease_seconds)
         return Claim.CLAIMED
 
     async def complete(self, key: str, owner: str, keep_seconds: float) -> None:
-        self._entries[key] = _Entry(done=True, owner=owner, expires_at=time.time() + keep_seconds)
+        self._done.take(key, owner, time.time() + keep_seconds)
+        self._claims.drop(key)
 
     async def release(self, key: str, owner: str) -> None:
-        entry = self._entries.get(key)
-        if entry is not None and not entry.done and entry.owner == owner:
-            del self._entries[key]
-
-    def _purge(self, now: float) -> None:
-        self._writes += 1
-        if self._writes % _PURGE_EVERY == 0:
-            expired = [key for key, entry in self._entries.items() if entry.expires_at <= now]
-            for key in expired:
-                del self._entries[key]
+        self._claims.drop(key, owner)
 
     async def aclose(self) -> None:
-        self._entries.clear()
+        self._claims.clear()
+        self._done.clear()

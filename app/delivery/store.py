@@ -1,10 +1,12 @@
 """Where deliveries are claimed and remembered, so a redelivered event sends no second email.
 
-Every backend keeps one record per notification key, in one of two states:
-- claimed by an owner until its lease runs out (a send is in flight; if the process dies the lease
-  expires and a redelivery may claim it again);
+Every backend knows, per notification key, one of two states:
+- claimed by an owner until its lease runs out (a send is in flight; if the process dies the
+  claim goes with it, or its lease expires, and a redelivery may claim it again);
 - done until the retention runs out (longer than Eventarc's 24 hours of redelivery).
-Each operation is atomic in its backend, so concurrent deliveries of one change claim it once.
+Each operation is atomic in its backend, so concurrent deliveries of one change claim it once:
+within one process for `memory` and `sqlite` (which keep claims in memory), across every
+instance for `redis`.
 """
 
 from __future__ import annotations

@@ -124,19 +124,35 @@ def test_long_keys_with_odd_characters_are_fine(store_url: str) -> None:
     run(store_url, scenario)
 
 
-def test_sqlite_state_survives_a_restart_and_is_shared_between_connections(tmp_path: Path) -> None:
+def test_sqlite_done_marks_survive_a_restart(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/notifier.db"
 
     async def scenario() -> None:
-        first, second = open_store(url), open_store(url)
+        first = open_store(url)
         assert await first.claim("k", "a", 60) is Claim.CLAIMED
-        assert await second.claim("k", "b", 60) is Claim.IN_FLIGHT
         await first.complete("k", "a", 3600)
         await first.aclose()
-        await second.aclose()
         reopened = open_store(url)
         assert await reopened.claim("k", "c", 60) is Claim.DONE
         await reopened.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_sqlite_claims_die_with_their_process(tmp_path: Path) -> None:
+    """A claim means "this process is sending": after a crash, the restarted service may send at
+    once instead of answering 409 until the crashed process's lease runs out."""
+    url = f"sqlite:///{tmp_path}/notifier.db"
+
+    async def scenario() -> None:
+        crashed = open_store(url)
+        assert await crashed.claim("k", "a", 60) is Claim.CLAIMED
+        restarted = open_store(url)
+        assert await restarted.claim("k", "b", 60) is Claim.CLAIMED
+        await restarted.complete("k", "b", 3600)
+        assert await crashed.claim("k", "a", 60) is Claim.DONE  # done marks are shared
+        await crashed.aclose()
+        await restarted.aclose()
 
     asyncio.run(scenario())
 
@@ -167,7 +183,7 @@ def test_sqlite_maintenance_purges_expired_records_and_keeps_live_ones(tmp_path:
         await store.complete("kept", "a", 3600)
         await asyncio.sleep(0.05)
         store.maintain(time.time())
-        rows = sqlite3.connect(tmp_path / "notifier.db").execute("SELECT COUNT(*) FROM deliveries")
+        rows = sqlite3.connect(tmp_path / "notifier.db").execute("SELECT COUNT(*) FROM done")
         assert rows.fetchone() == (1,)
         assert await store.claim("kept", "b", 60) is Claim.DONE
         assert await store.claim("expired", "b", 60) is Claim.CLAIMED
@@ -193,6 +209,6 @@ def test_sqlite_writes_trigger_background_maintenance(
         await store.aclose()  # waits for the maintenance under way, then truncates the WAL
 
     asyncio.run(scenario())
-    rows = sqlite3.connect(tmp_path / "notifier.db").execute("SELECT COUNT(*) FROM deliveries")
+    rows = sqlite3.connect(tmp_path / "notifier.db").execute("SELECT COUNT(*) FROM done")
     assert rows.fetchone()[0] < 30  # of 30 keys, the expired ones were purged along the way
     assert not wal.exists() or wal.stat().st_size == 0
