@@ -132,7 +132,8 @@ def image_layout(final: Stage, venv: Path, root: Path) -> tuple[Path, dict[str, 
     workdir = root / "image" / workdir_instruction.arguments.lstrip("/")
 
     def local(value: str) -> str:
-        value = value.replace(image_venv, str(venv)).replace("/tmp/", f"{root}/")
+        # The image's /tmp first: the local venv may itself live under /tmp (a clone there).
+        value = value.replace("/tmp/", f"{root}/").replace(image_venv, str(venv))
         return value.replace("$PATH", os.defpath).replace("${PATH}", os.defpath)
 
     env = {key: local(value) for key, value in final.env.items()}
