@@ -213,19 +213,22 @@ def test_unknown_paths_and_methods_answer_problem_json(outbox_server: ThreadedSe
     assert problem_of(httpx.delete(outbox_server.url + "/"))["status"] == 405
 
 
+def raw_delivery_head(port: int) -> tuple[bytes, bytes]:
+    """The request head of a binary-mode delivery, and its body, for writing to a socket by hand
+    (to send only part of the body)."""
+    headers, body = binary()
+    lines = ["POST / HTTP/1.1", f"host: 127.0.0.1:{port}", f"content-length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode(), body
+
+
 def test_a_body_that_trickles_in_too_slowly_gets_408(
     outbox_server: ThreadedServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("app.api.body.BODY_TIMEOUT_SECONDS", 0.5)
-    headers, body = binary()
-    lines = [
-        "POST / HTTP/1.1",
-        f"host: 127.0.0.1:{outbox_server.port}",
-        f"content-length: {len(body)}",
-    ]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
+    head, body = raw_delivery_head(outbox_server.port)
     with socket.create_connection(("127.0.0.1", outbox_server.port), timeout=10) as sock:
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body[:10])
+        sock.sendall(head + body[:10])
         answer = sock.recv(65536).decode()
     assert answer.startswith("HTTP/1.1 408")
     assert "not received within 0.5 s" in answer
@@ -234,16 +237,10 @@ def test_a_body_that_trickles_in_too_slowly_gets_408(
 def test_a_client_hanging_up_mid_body_is_not_logged_as_an_error(
     outbox_server: ThreadedServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    headers, body = binary()
-    lines = [
-        "POST / HTTP/1.1",
-        f"host: 127.0.0.1:{outbox_server.port}",
-        f"content-length: {len(body)}",
-    ]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
+    head, body = raw_delivery_head(outbox_server.port)
     with caplog.at_level(logging.INFO):
         with socket.create_connection(("127.0.0.1", outbox_server.port), timeout=10) as sock:
-            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body[:10])
+            sock.sendall(head + body[:10])
         assert httpx.get(outbox_server.url + "/healthz").status_code == 200
         deadline = time.monotonic() + 5
         while (

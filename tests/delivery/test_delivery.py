@@ -143,6 +143,18 @@ def test_a_hang_is_answered_503_within_the_timeout(
     assert "in time" in answer.json()["detail"]
 
 
+def run_replay(directory: Path, url: str) -> subprocess.CompletedProcess[str]:
+    """`python -m app.replay DIR --url URL`, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.replay", str(directory), "--url", url + "/"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 def test_rejected_message_is_dead_lettered_and_replay_sends_it_once(
     service: ThreadedServer, fake: FakeSendGrid, tmp_path: Path
 ) -> None:
@@ -159,21 +171,7 @@ def test_rejected_message_is_dead_lettered_and_replay_sends_it_once(
     assert "The subject is invalid" in document["deadletterreason"]
     assert fake.accepted() == []
 
-    replay = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app.replay",
-            str(tmp_path / "dead-letter"),
-            "--url",
-            service.url + "/",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    replay = run_replay(tmp_path / "dead-letter", service.url)
     assert replay.returncode == 0, replay.stdout + replay.stderr
     assert list((tmp_path / "dead-letter").glob("*.json")) == []
     assert len(fake.accepted()) == 1
@@ -185,21 +183,7 @@ def test_replay_keeps_files_the_service_does_not_accept(
 ) -> None:
     fake.script(Reply.error(400, "bad"), Reply.error(500))
     deliver(service.url, *binary())
-    replay = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app.replay",
-            str(tmp_path / "dead-letter"),
-            "--url",
-            service.url + "/",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    replay = run_replay(tmp_path / "dead-letter", service.url)
     assert replay.returncode == 1
     assert "(kept)" in replay.stdout
     assert len(list((tmp_path / "dead-letter").glob("*.json"))) == 1
