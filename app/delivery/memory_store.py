@@ -30,6 +30,13 @@ class Leases:
             for stale in [k for k, (_, expiry) in self._entries.items() if expiry <= now]:
                 del self._entries[stale]
 
+    def claim(self, key: str, owner: str, now: float, lease_seconds: float) -> Claim:
+        """The claim half of a store's `claim`, once the key is known not to be done."""
+        if self.held(key, now):
+            return Claim.IN_FLIGHT
+        self.take(key, owner, now + lease_seconds)
+        return Claim.CLAIMED
+
     def drop(self, key: str, owner: str | None = None) -> None:
         """Forget the lease; with `owner`, only while that owner still holds it."""
         entry = self._entries.get(key)
@@ -49,10 +56,7 @@ class MemoryStore:
         now = time.time()
         if self._done.held(key, now):
             return Claim.DONE
-        if self._claims.held(key, now):
-            return Claim.IN_FLIGHT
-        self._claims.take(key, owner, now + lease_seconds)
-        return Claim.CLAIMED
+        return self._claims.claim(key, owner, now, lease_seconds)
 
     async def complete(self, key: str, owner: str, keep_seconds: float) -> None:
         self._done.take(key, owner, time.time() + keep_seconds)

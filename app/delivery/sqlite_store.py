@@ -79,10 +79,7 @@ class SqliteStore:
             raise StoreUnavailable(f"sqlite: {error}") from error
         if row is not None:
             return Claim.DONE
-        if self._claims.held(key, now):
-            return Claim.IN_FLIGHT
-        self._claims.take(key, owner, now + lease_seconds)
-        return Claim.CLAIMED
+        return self._claims.claim(key, owner, now, lease_seconds)
 
     async def complete(self, key: str, owner: str, keep_seconds: float) -> None:
         self._write(
