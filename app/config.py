@@ -7,10 +7,20 @@ Precedence follows functions-framework: an explicit argument, then the environme
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    ModelWrapValidatorHandler,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Deliberately simple: SendGrid validates addresses itself; this only catches typos and header
@@ -20,6 +30,10 @@ _ADDRESS = re.compile(r"^[^@\s\x00-\x1f\x7f<>,;\"]+@[^@\s\x00-\x1f\x7f<>,;\"]+$"
 OUTBOX_DEFAULT_TO = "you@localhost"
 OUTBOX_DEFAULT_FROM = "notifier@localhost"
 MAX_EVENT_BYTES = 512 * 1024  # Eventarc's maximum event size.
+# What may stand in a header the service sends (RFC 9110 §5.5 field-value, printable ASCII here):
+# a key pasted with a trailing newline must stop start-up, not end a request head early.
+_HEADER_SAFE = re.compile(r"^[\x21-\x7e]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 DONE_RETENTION_SECONDS = 25 * 3600  # longer than Eventarc's 24 hours of redelivery
 
 
@@ -66,7 +80,9 @@ class Settings(BaseSettings):
     claim_lease_seconds: float = Field(default=60.0, gt=0, le=3600)
     dead_letter_dir: Path = Path("dead-letter")
 
-    event_auth: Literal["none", "oidc"] = "none"
+    # oidc: the service checks Google's signature itself (a public service). iam: Cloud Run IAM
+    # checked it and forwarded the token with SIGNATURE_REMOVED_BY_GOOGLE (a private service).
+    event_auth: Literal["none", "oidc", "iam"] = "none"
     event_invokers: CommaList = Field(default_factory=list)
     event_audience: CommaList = Field(default_factory=list)
     oidc_certs_url: str = "https://www.googleapis.com/oauth2/v1/certs"
@@ -89,12 +105,35 @@ class Settings(BaseSettings):
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("notifier", "event_auth", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("sendgrid_api_key", mode="before")
+    @classmethod
+    def _secret(cls, value: object) -> object:
+        # `echo "$KEY" | gcloud secrets create --data-file=-` stores the key with a newline.
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str):
+            value = value.strip()
+            if not value:
+                return None
+            if not _HEADER_SAFE.match(value):
+                # Never echo the value: it is a secret.
+                raise ValueError(
+                    "must be printable ASCII with no spaces or control characters inside "
+                    "(it is sent as an HTTP header)"
+                )
+        return value
 
     @field_validator("sendgrid_host")
     @classmethod
     def _base_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
+        if not re.match(r"^https?://[^/\s]+", value) or _CONTROL.search(value):
             raise ValueError("must be an http(s) base URL such as https://api.sendgrid.com")
         # A trailing slash would make the client call //v3/mail/send, which SendGrid 404s.
         return value.rstrip("/")
@@ -102,34 +141,50 @@ class Settings(BaseSettings):
     @field_validator("idempotency_store")
     @classmethod
     def _store_url(cls, value: str) -> str:
-        if value == "memory" or value.startswith(("sqlite:///", "redis://", "rediss://")):
-            return value
-        raise ValueError("must be sqlite:///PATH, redis://HOST:PORT/DB or memory")
+        return check_store_url(value)
 
-    @model_validator(mode="after")
-    def _notifier_requirements(self) -> Settings:
-        if self.notifier is None:
-            self.notifier = "sendgrid" if self.sendgrid_api_key else "outbox"
-        if self.notifier == "outbox":
-            self.notify_to = self.notify_to or [OUTBOX_DEFAULT_TO]
-            self.notify_from = self.notify_from or OUTBOX_DEFAULT_FROM
-        else:
-            missing = [
-                name
-                for name, value in (
-                    ("SENDGRID_API_KEY", self.sendgrid_api_key),
-                    ("NOTIFY_TO", self.notify_to),
-                    ("NOTIFY_FROM", self.notify_from),
-                )
-                if not value
+    @field_validator("oidc_certs_url")
+    @classmethod
+    def _certs_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value) or _CONTROL.search(value):
+            raise ValueError("must be an http(s) URL")
+        return value
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _every_problem(cls, data: Any, handler: ModelWrapValidatorHandler[Settings]) -> Settings:
+        """Field errors and the rules between fields, reported together in one refusal."""
+        try:
+            settings = handler(data)
+        except ValidationError as error:
+            problems = error.errors(include_url=False)
+            failed = {str(problem["loc"][0]) for problem in problems if problem["loc"]}
+            raw = data if isinstance(data, Mapping) else {}
+            between = _between_fields(_RawView(raw), failed)
+            if not between:
+                raise
+            details: list[InitErrorDetails] = [
+                {
+                    "type": PydanticCustomError(problem["type"], problem["msg"]),
+                    "loc": problem["loc"],
+                    "input": None,
+                }
+                for problem in problems
             ]
-            if missing:
-                raise ValueError(f"NOTIFIER=sendgrid requires {', '.join(missing)}")
-        if self.event_auth == "oidc" and not self.event_invokers:
-            raise ValueError(
-                "EVENT_AUTH=oidc requires EVENT_INVOKERS (the trigger's service account email)"
+            raise ValidationError.from_exception_data(
+                cls.__name__, [*details, *_as_errors(between)], hide_input=True
+            ) from None
+        between = _between_fields(settings, set())
+        if between:
+            raise ValidationError.from_exception_data(
+                cls.__name__, _as_errors(between), hide_input=True
             )
-        return self
+        if settings.notifier is None:
+            settings.notifier = "sendgrid" if settings.sendgrid_api_key else "outbox"
+        if settings.notifier == "outbox":
+            settings.notify_to = settings.notify_to or [OUTBOX_DEFAULT_TO]
+            settings.notify_from = settings.notify_from or OUTBOX_DEFAULT_FROM
+        return settings
 
     @property
     def recipients(self) -> tuple[str, ...]:
@@ -138,6 +193,83 @@ class Settings(BaseSettings):
     @property
     def sender(self) -> str:
         return self.notify_from or OUTBOX_DEFAULT_FROM
+
+
+class _RawView:
+    """The raw input seen through Settings' attribute names, for the rules between fields when
+    some field failed: values are strings from the environment, or whatever was passed in."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self._values = {str(key).lower(): value for key, value in values.items()}
+
+    def __getattr__(self, name: str) -> Any:
+        value = self._values.get(name)
+        if name in ("notifier", "event_auth") and isinstance(value, str):
+            return value.strip().lower() or None
+        if name in ("notify_to", "event_invokers") and isinstance(value, str):
+            return [part for part in value.split(",") if part.strip()]
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+
+def _between_fields(settings: Any, failed: set[str]) -> list[str]:
+    """The rules that tie variables together; `failed` fields have been reported already."""
+    problems = []
+    notifier = settings.notifier
+    if notifier is None and "sendgrid_api_key" not in failed and settings.sendgrid_api_key:
+        notifier = "sendgrid"
+    if notifier == "sendgrid" and "notifier" not in failed:
+        missing = [
+            name
+            for name, field in (
+                ("SENDGRID_API_KEY", "sendgrid_api_key"),
+                ("NOTIFY_TO", "notify_to"),
+                ("NOTIFY_FROM", "notify_from"),
+            )
+            if field not in failed and not getattr(settings, field)
+        ]
+        if missing:
+            problems.append(f"NOTIFIER=sendgrid requires {', '.join(missing)}")
+    auth = settings.event_auth
+    if auth in ("oidc", "iam") and "event_invokers" not in failed and not settings.event_invokers:
+        problems.append(
+            f"EVENT_AUTH={auth} requires EVENT_INVOKERS (the trigger's service account email)"
+        )
+    return problems
+
+
+def _as_errors(problems: list[str]) -> list[InitErrorDetails]:
+    return [
+        {"type": PydanticCustomError("settings", message), "loc": (), "input": None}
+        for message in problems
+    ]
+
+
+def check_store_url(value: str) -> str:
+    """`memory`, `sqlite:///PATH` or `redis[s]://HOST[:PORT][/DB]`, parsed now so a typo stops
+    start-up rather than failing every event."""
+    if value == "memory":
+        return value
+    if value.startswith("sqlite:///"):
+        path = value.removeprefix("sqlite:///")
+        if not path or path.endswith("/"):
+            raise ValueError("sqlite:///PATH needs the path of a database file")
+        return value
+    if value.startswith(("redis://", "rediss://")):
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError:
+            raise ValueError("redis URL has an invalid port (redis://HOST:PORT/DB)") from None
+        if not parts.hostname:
+            raise ValueError("redis URL needs a host (redis://HOST:PORT/DB)")
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            raise ValueError("redis URL's database must be a number (redis://HOST:PORT/DB)")
+        del port
+        return value
+    raise ValueError("must be sqlite:///PATH, redis://HOST:PORT/DB or memory")
 
 
 def describe_error(error: ValidationError) -> str:
