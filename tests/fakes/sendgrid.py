@@ -609,6 +609,7 @@ class Reply:
     field: str | None = None
     seconds: float | None = None
     limit: int = DEFAULT_RATE_LIMIT
+    errors: tuple[ApiError, ...] = ()  # several entries in one error body (`errors`)
 
     @classmethod
     def normal(cls) -> Reply:
@@ -623,6 +624,13 @@ class Reply:
         if not 400 <= status <= 599:
             raise ValueError(f"an error status is 4xx or 5xx, not {status}")
         return cls(ReplyKind.ERROR, status=status, message=message, field=field)
+
+    @classmethod
+    def errors_of(cls, status: int, *errors: ApiError) -> Reply:
+        """A status whose error body lists several entries, as SendGrid's 400s may."""
+        if not errors:
+            raise ValueError("give at least one error")
+        return dataclasses.replace(cls.error(status), errors=errors)
 
     @classmethod
     def rate_limited(cls, *, reset_in: float = 1.0, limit: int = DEFAULT_RATE_LIMIT) -> Reply:
@@ -677,6 +685,7 @@ class RecordedRequest:
     auth_matched: bool
     body: object | None  # parsed JSON; None if the body was not JSON (or over 30 MB)
     size: int
+    client_port: int | None = None  # one per connection: shows whether a client reuses them
     status: int | None = None
     message_id: str | None = None
     delivered: bool = False
@@ -825,6 +834,11 @@ def _parse_json(raw: bytes | None) -> tuple[bool, object | None]:
         return False, None
 
 
+def _client_port(request: web.BaseRequest) -> int | None:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return peer[1] if isinstance(peer, tuple) else None
+
+
 def _bearer_key(authorization: str | None) -> str | None:
     """The token of `Authorization: Bearer <token>` (scheme case-insensitive, RFC 9110)."""
     if authorization is None:
@@ -916,6 +930,7 @@ class FakeSendGridServer:
             auth_matched=self._auth_matches(request),
             body=body,
             size=size,
+            client_port=_client_port(request),
         )
         self.recorder.begin(record)
         outcome = Outcome(None)  # if the server cancels us while stopping
@@ -965,7 +980,8 @@ class FakeSendGridServer:
             return _accepted()
         if reply.kind is ReplyKind.ERROR:
             message = reply.message or DEFAULT_MESSAGES.get(reply.status, "error")
-            return Outcome(_json_error(reply.status, ApiError(message, reply.field)))
+            errors = reply.errors or (ApiError(message, reply.field),)
+            return Outcome(_json_error(reply.status, *errors))
         if reply.kind is ReplyKind.RATE_LIMITED:
             return Outcome(_rate_limited(reply))
         if reply.kind is ReplyKind.HTML:

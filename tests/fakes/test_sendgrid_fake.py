@@ -42,6 +42,7 @@ from sendgrid.helpers.mail import (
 
 from tests.fakes.sendgrid import (
     MAIL_SEND_PATH,
+    ApiError,
     FakeSendGrid,
     Reply,
     validate_mail,
@@ -670,6 +671,27 @@ def test_a_scripted_error_can_name_a_field(client: httpx.Client, fake: FakeSendG
     assert error_fields(response) == ["from.email"]
 
 
+def test_a_scripted_error_can_list_several_entries(
+    client: httpx.Client, fake: FakeSendGrid
+) -> None:
+    fake.script(
+        Reply.errors_of(
+            400, ApiError("Bad Request"), ApiError("The subject is required.", "subject")
+        )
+    )
+    response = send(client, valid_body())
+    assert response.status_code == 400
+    assert error_fields(response) == [None, "subject"]
+    assert response.json()["errors"][0]["message"] == "Bad Request"
+
+
+def test_a_scripted_error_list_needs_an_entry_and_an_error_status() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        Reply.errors_of(400)
+    with pytest.raises(ValueError, match="4xx or 5xx"):
+        Reply.errors_of(202, ApiError("x"))
+
+
 def test_scripted_replies_replace_the_checks_but_requests_are_recorded(fake: FakeSendGrid) -> None:
     fake.script(Reply.error(500))
     response = httpx.post(fake.url + MAIL_SEND_PATH, content=b"garbage")  # no key either
@@ -816,6 +838,19 @@ def test_the_key_is_never_recorded(fake: FakeSendGrid, client: httpx.Client) -> 
     dumped = repr(records) + json.dumps([r.headers for r in records]) + repr(fake.stats())
     assert fake.api_key not in dumped
     assert fake.api_key not in repr(fake)
+
+
+def test_each_connection_is_recorded_by_its_client_port(fake: FakeSendGrid) -> None:
+    auth = {"Authorization": f"Bearer {fake.api_key}"}
+    with (
+        httpx.Client(base_url=fake.url, headers=auth) as one,
+        httpx.Client(base_url=fake.url, headers=auth) as other,
+    ):
+        for http in (one, one, other):
+            send(http, valid_body())
+    ports = [record.client_port for record in fake.requests()]
+    assert all(isinstance(port, int) for port in ports)
+    assert ports[0] == ports[1] != ports[2]
 
 
 def test_headers_are_recorded(fake: FakeSendGrid, client: httpx.Client) -> None:
