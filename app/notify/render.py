@@ -1,8 +1,10 @@
 """StorageEvent -> subject, plain text and HTML. Pure: no I/O, no settings.
 
-Object names, bucket names and metadata are user data, and attacker-controlled where events are
-not authenticated: the subject loses control characters (no header injection), the HTML escapes
-every value, and links are URL-encoded.
+Object names, bucket names and metadata (keys and values) are user data, and attacker-controlled
+where events are not authenticated. Every value gets the same treatment in every part: the subject
+loses control and bidi characters (no header injection), the text and HTML parts show them as
+visible escapes (no forged paragraphs, no reordered names), the HTML also escapes markup, and the
+console link is URL-encoded with no dot segments.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from urllib.parse import quote
 from app.events.models import StorageEvent
 
 SUBJECT_LIMIT = 200
-# Unicode category Cc (C0, DEL, C1) and the bidirectional controls that can reorder what a reader
-# sees (Trojan Source, CVE-2021-42574). One precompiled class: this runs on every value rendered.
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# Unicode category Cc (C0, DEL, C1), the line and paragraph separators (a mail client may break a
+# line there), and the bidirectional controls that can reorder what a reader sees (Trojan Source,
+# CVE-2021-42574; U+061C is the Arabic letter mark). One precompiled class: this runs on every
+# value rendered.
+_CONTROLS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
 _SPACES = re.compile(r"\s+")
 _HTML_SPECIAL = re.compile("[&<>\"']")
 _UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
@@ -37,7 +43,8 @@ def subject_safe(value: str) -> str:
 
 
 def visible(value: str) -> str:
-    """Control characters shown as escapes, so a name with a line break reads as one line."""
+    """Control and bidi characters shown as escapes, so a name with a line break reads as one
+    line and `invoice\\u202efdp.exe` does not read as "invoiceexe.pdf"."""
     return _CONTROLS.sub(_escape, value)
 
 
@@ -67,11 +74,25 @@ def human_size(size: int) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+CONSOLE_DETAILS = "https://console.cloud.google.com/storage/browser/_details/"
+_DOT_SEGMENTS = frozenset({".", ".."})
+
+
 def console_url(bucket: str, name: str) -> str:
-    return (
-        "https://console.cloud.google.com/storage/browser/_details/"
-        f"{quote(bucket, safe='')}/{quote(name, safe='/')}"
+    """The object's details page. Its name's slashes stay slashes (the console shows folders),
+    except around a `.` or `..` segment: browsers resolve dot segments (`a/../b` would open `b`),
+    and percent-encoding the dots does not stop them (the WHATWG URL Standard reads `%2e` and
+    `%2e%2e` as dot segments too). So a dot segment is joined to the next segment, or to the one
+    before when it is last, with an encoded slash (`a/..%2Fb`): no segment is a dot segment."""
+    segments = [quote(bucket, safe=""), *(quote(part, safe="") for part in name.split("/"))]
+    separators = ["/"] * (len(segments) - 1)
+    for index, segment in enumerate(segments):
+        if segment in _DOT_SEGMENTS:
+            separators[index if index < len(separators) else index - 1] = "%2F"
+    path = segments[0] + "".join(
+        separator + segment for separator, segment in zip(separators, segments[1:], strict=True)
     )
+    return CONSOLE_DETAILS + path
 
 
 def _when(value: datetime | None) -> str | None:
@@ -98,13 +119,14 @@ def render(event: StorageEvent, headline: str) -> Rendered:
         ("Deleted", _when(data.time_deleted)),
     ]
     rows += [(f"Metadata: {key}", value) for key, value in sorted((data.metadata or {}).items())]
-    shown = [(label, value) for label, value in rows if value is not None]
+    # Made visible once, labels too (a metadata key is user data), then used by both parts.
+    shown = [(visible(label), visible(value)) for label, value in rows if value is not None]
     link = console_url(bucket, name)
-    intro = f"gs://{bucket}/{name} {headline}."
+    intro = visible(f"gs://{bucket}/{name} {headline}.")
 
     width = max(len(label) for label, _ in shown) + 2
-    text_lines = [visible(intro), ""]
-    text_lines += [f"{label + ':':<{width}}{visible(value)}" for label, value in shown]
+    text_lines = [intro, ""]
+    text_lines += [f"{label + ':':<{width}}{value}" for label, value in shown]
     text_lines += ["", f"Open in the Cloud Console: {link}", ""]
 
     cells = "\n".join(

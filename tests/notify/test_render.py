@@ -1,13 +1,16 @@
-"""render: subject, plain text and HTML of one event. Object names, bucket names and metadata are
-user data (attacker-controlled without event authentication), so the subject carries no control
-characters, the HTML escapes every value, and links are URL-encoded."""
+"""render: subject, plain text and HTML of one event. Object names, bucket names and metadata (keys
+and values) are user data (attacker-controlled without event authentication), so the subject
+carries no control characters, the text and HTML parts show them as escapes, the HTML escapes
+every value, and links are URL-encoded and open the object's own page."""
 
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable
 from datetime import UTC, datetime
 from html.parser import HTMLParser
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -27,7 +30,8 @@ CONSOLE = "https://console.cloud.google.com/storage/browser/_details/"
 C0 = [chr(code) for code in range(0x20)] + ["\x7f"]
 C1 = [chr(code) for code in range(0x80, 0xA0)]
 BIDI = ["\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069"]
-MARKS = ["\u200e", "\u200f"]
+MARKS = ["\u200e", "\u200f", "\u061c"]
+SEPARATORS = ["\u2028", "\u2029"]
 
 
 def event(
@@ -276,3 +280,136 @@ def test_visible_leaves_printable_text_alone() -> None:
 
 def test_subject_safe_keeps_printable_unicode() -> None:
     assert subject_safe("  Grüße  aus   東京 ") == "Grüße aus 東京"
+
+
+# --- every value, every part: keys and values of metadata are names too -----------------------
+
+FORGED_PARAGRAPH = "x\n\nACTION REQUIRED: re-authenticate at https://evil.example/login"
+PLACES: dict[str, Callable[[str], dict[str, Any]]] = {
+    "name": lambda value: {"name": value},
+    "bucket": lambda value: {"bucket": value},
+    "content-type": lambda value: {"contentType": value},
+    "metadata-key": lambda value: {"metadata": {value: "v"}},
+    "metadata-value": lambda value: {"metadata": {"k": value}},
+}
+
+
+def in_place(place: str, value: str) -> Rendered:
+    return rendered(**PLACES[place](value))
+
+
+@pytest.mark.parametrize("place", ["metadata-key", "metadata-value", "name"])
+def test_text_part_cannot_gain_a_paragraph(place: str) -> None:
+    text = in_place(place, FORGED_PARAGRAPH).text
+    assert not [line for line in text.splitlines() if line.startswith("ACTION REQUIRED")]
+    assert "x\\x0a\\x0aACTION REQUIRED: re-authenticate at https://evil.example/login" in text
+
+
+def test_a_metadata_key_with_blank_lines_stays_on_its_row() -> None:
+    lines = rendered(metadata={FORGED_PARAGRAPH: "yes"}).text.splitlines()
+    [row] = [line for line in lines if line.startswith("Metadata:")]
+    assert row.startswith("Metadata: x\\x0a\\x0aACTION REQUIRED")
+    assert row.endswith(" yes")
+
+
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize(
+    "char", C0 + C1 + BIDI + MARKS + SEPARATORS, ids=lambda char: f"U+{ord(char):04X}"
+)
+def test_text_and_html_show_control_and_bidi_characters_as_escapes(place: str, char: str) -> None:
+    value = f"a{char}b"
+    shown = f"a\\x{ord(char):02x}b" if ord(char) < 0x100 else f"a\\u{ord(char):04x}b"
+    result = in_place(place, value)
+    assert value not in result.text
+    assert shown in result.text
+    page = "".join(Page(result.html).text)
+    assert value not in page
+    assert shown in page
+    if char not in "\t\n":  # the HTML's own layout has line breaks; nothing else of these
+        assert char not in result.html
+
+
+@pytest.mark.parametrize("place", PLACES)
+def test_a_right_to_left_override_cannot_disguise_a_name_in_html(place: str) -> None:
+    result = in_place(place, "invoice\u202efdp.exe")  # shows as "invoiceexe.pdf" if kept
+    assert "\u202e" not in result.html
+    assert "invoice\\u202efdp.exe" in "".join(Page(result.html).text)
+
+
+def test_html_escapes_a_value_after_making_it_visible() -> None:
+    result = rendered(metadata={"<b>\u202e</b>": "&\x00"})
+    assert "&lt;b&gt;\\u202e&lt;/b&gt;" in result.html
+    assert "&amp;\\x00" in result.html
+    assert "b" not in Page(result.html).tags
+
+
+# --- the console link opens this object, whatever its name ------------------------------------
+
+DOUBLE_DOT = {"..", ".%2e", "%2e.", "%2e%2e"}
+SINGLE_DOT = {".", "%2e"}
+
+
+def browser_path(url: str) -> str:
+    """The path a browser opens for `url`, per the WHATWG URL Standard's path state: a `.`
+    segment is dropped, a `..` segment drops the one before it, and `%2e` counts as a dot in
+    any case (so percent-encoding the dots would not help)."""
+    segments = urlsplit(url).path.split("/")[1:]
+    opened: list[str] = []
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        if segment.lower() in DOUBLE_DOT:
+            if opened:
+                opened.pop()
+            if last:
+                opened.append("")
+        elif segment.lower() in SINGLE_DOT:
+            if last:
+                opened.append("")
+        else:
+            opened.append(segment)
+    return "/" + "/".join(opened)
+
+
+def test_browser_path_resolves_dot_segments_like_a_browser() -> None:
+    # Checked against Node's WHATWG URL parser: new URL(url).pathname.
+    assert browser_path("https://h/a/b/../c") == "/a/c"
+    assert browser_path("https://h/a/%2E%2E/b") == "/b"
+    assert browser_path("https://h/a/.%2E") == "/"
+    assert browser_path("https://h/a/./b/.") == "/a/b/"
+    assert browser_path("https://h/a/..%2Fb") == "/a/..%2Fb"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "..",
+        ".",
+        "a/../b",
+        "./x",
+        "../../../etc/passwd",
+        "a/..",
+        "a/.",
+        "../..",
+        "a//..",
+        "x/./y/../z/",
+        "%2e%2e/x",
+        "...",
+    ],
+)
+def test_console_link_opens_the_objects_own_page(name: str) -> None:
+    link = console_url("some-bucket", name)
+    opened = browser_path(link)
+    assert opened.startswith("/storage/browser/_details/")
+    assert unquote(opened.removeprefix("/storage/browser/_details/")) == f"some-bucket/{name}"
+
+
+@pytest.mark.parametrize("name", ["folder/sub/file.txt", "...", ".hidden/..x/y"])
+def test_console_link_keeps_the_slashes_of_names_without_dot_segments(name: str) -> None:
+    assert console_url("some-bucket", name) == f"{CONSOLE}some-bucket/{name}"
+
+
+def test_console_link_in_both_parts_opens_the_object_named_with_dot_segments() -> None:
+    result = rendered(name="../../../etc/passwd")
+    [href] = Page(result.html).hrefs
+    assert href == CONSOLE + "some-bucket/..%2F..%2F..%2Fetc/passwd"
+    assert f"Open in the Cloud Console: {href}" in result.text
