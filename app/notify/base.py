@@ -56,12 +56,15 @@ class TransientDeliveryError(DeliveryError):
 
 
 class ConfigurationError(TransientDeliveryError):
-    """The provider refused our credentials or sender (401/403). Retried, because nothing is
-    lost while an operator fixes the configuration, but logged as an ERROR."""
+    """The fault is ours, not the message's: the provider refused our credentials or sender
+    (401/403), or a request we framed wrongly (a 400 naming no field of the message), or the key
+    cannot be sent at all. Retried, because nothing is lost while an operator fixes the
+    configuration or the code, but logged as an ERROR."""
 
 
 class RejectedDeliveryError(DeliveryError):
-    """The provider rejected this message for good (400/413): retrying cannot help."""
+    """The provider rejected this message for good (a 400 naming a field of it, or 413):
+    retrying cannot help."""
 
 
 class Notifier(Protocol):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+import traceback
 from collections.abc import Iterator
 
 import pytest
@@ -18,7 +20,7 @@ from app.notify.base import (
     TransientDeliveryError,
 )
 from app.notify.sendgrid import SendGridNotifier
-from tests.fakes.sendgrid import FakeSendGrid, Reply
+from tests.fakes.sendgrid import ApiError, FakeSendGrid, Reply
 
 
 @pytest.fixture
@@ -56,6 +58,23 @@ def send(
         )
         try:
             return await notifier.send(item)
+        finally:
+            await notifier.aclose()
+
+    return asyncio.run(main())
+
+
+def send_many(fake: FakeSendGrid, count: int, *, concurrently: bool = False) -> list[Receipt]:
+    """`count` sends through one notifier (one session), one after another or all at once."""
+
+    async def main() -> list[Receipt]:
+        notifier = SendGridNotifier(api_key=SecretStr(fake.api_key), host=fake.url, timeout=5)
+        try:
+            if concurrently:
+                return list(
+                    await asyncio.gather(*(notifier.send(notification()) for _ in range(count)))
+                )
+            return [await notifier.send(notification()) for _ in range(count)]
         finally:
             await notifier.aclose()
 
@@ -128,14 +147,69 @@ def test_403_unverified_sender_is_a_configuration_error(fake: FakeSendGrid) -> N
         send(fake, notification())
 
 
-@pytest.mark.parametrize("status", [400, 413])
-def test_rejections_are_permanent_and_carry_sendgrid_messages(
-    fake: FakeSendGrid, status: int
+@pytest.mark.parametrize(
+    "field",
+    [
+        "personalizations.0.to.0.email",
+        "personalizations.0",
+        "personalizations",
+        "from.email",
+        "subject",
+        "content.0.value",
+        "reply_to",
+    ],
+)
+def test_a_400_naming_a_field_of_the_message_rejects_it_for_good(
+    fake: FakeSendGrid, field: str
 ) -> None:
-    fake.script(Reply.error(status, "Invalid subject", field="subject"))
+    fake.script(Reply.error(400, "Does not contain a valid address.", field=field))
     with pytest.raises(RejectedDeliveryError) as caught:
         send(fake, notification())
-    assert "Invalid subject" in caught.value.reason
+    assert caught.value.reason == (
+        f"SendGrid rejected the message (400): {field}: Does not contain a valid address."
+    )
+
+
+@pytest.mark.parametrize("field", [None, "subject"], ids=["no-field", "subject"])
+def test_a_413_rejects_the_message_for_good(fake: FakeSendGrid, field: str | None) -> None:
+    fake.script(Reply.error(413, field=field))
+    with pytest.raises(RejectedDeliveryError, match="content too large"):
+        send(fake, notification())
+
+
+FRAMING_400S = {
+    # What SendGrid answers a body that is not JSON (and what the fake answers it too).
+    "bad-request-no-field": Reply.error(400),
+    # The OpenAPI spec's own example spells the missing field as the string "null".
+    "field-string-null": Reply.error(400, "invalid request", field="null"),
+    "content-type": Reply.error(400, "Content-Type should be application/json."),
+    "empty-field": Reply.error(400, "Bad Request", field=""),
+    "not-a-message-field": Reply.error(400, "error message", field="field_name"),
+    # Sandbox mode comes from SENDGRID_SANDBOX, the same for every message.
+    "mail-settings": Reply.error(
+        400,
+        "The mail_settings.sandbox_mode.enable field must be a boolean.",
+        field="mail_settings.sandbox_mode.enable",
+    ),
+    "one-entry-without-a-field": Reply.errors_of(
+        400, ApiError("Bad Request"), ApiError("The subject is required.", "subject")
+    ),
+    "html-page": Reply.bad_gateway(400),
+}
+
+
+@pytest.mark.parametrize("reply", FRAMING_400S.values(), ids=FRAMING_400S.keys())
+def test_a_400_naming_no_field_of_the_message_is_a_configuration_error(
+    fake: FakeSendGrid, reply: Reply, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.script(reply)
+    with caplog.at_level(logging.INFO), pytest.raises(ConfigurationError) as caught:
+        send(fake, notification())
+    assert caught.value.reason.startswith("SendGrid refused the request as malformed (400)")
+    [record] = [r for r in caplog.records if r.name == "app.notify.sendgrid"]
+    assert record.levelno == logging.ERROR
+    assert "configuration or code error" in record.getMessage()
+    assert record.sendgrid_status == 400  # type: ignore[attr-defined]
 
 
 def test_sendgrid_error_body_is_logged(
@@ -174,3 +248,112 @@ def test_a_thousand_recipients_fit_one_request(fake: FakeSendGrid) -> None:
     recipients = tuple(f"user{i}@example.com" for i in range(1000))
     send(fake, notification(recipients))
     assert sorted(fake.delivered_recipients()) == sorted(recipients)
+
+
+def test_requests_are_json_with_the_bearer_key(fake: FakeSendGrid) -> None:
+    send(fake, notification())
+    [request] = fake.requests()
+    assert request.auth_matched
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["Accept"] == "application/json"
+    assert request.headers["User-Agent"] == "gcs-notifier"
+    assert "Cookie" not in request.headers
+
+
+def test_one_session_reuses_its_connection(fake: FakeSendGrid) -> None:
+    send_many(fake, 5)
+    ports = {request.client_port for request in fake.requests()}
+    assert len(fake.accepted()) == 5
+    assert len(ports) == 1
+
+
+def test_concurrent_sends_share_the_session(fake: FakeSendGrid) -> None:
+    fake.latency = 0.05
+    receipts = send_many(fake, 40, concurrently=True)
+    assert len({receipt.message_id for receipt in receipts}) == 40
+    assert len(fake.accepted()) == 40
+
+
+def test_a_notifier_closed_then_used_again_opens_a_new_session(fake: FakeSendGrid) -> None:
+    async def main() -> None:
+        notifier = SendGridNotifier(api_key=SecretStr(fake.api_key), host=fake.url, timeout=5)
+        await notifier.aclose()  # before any send: nothing to close
+        await notifier.send(notification())
+        await notifier.aclose()
+        await notifier.send(notification())
+        await notifier.aclose()
+
+    asyncio.run(main())
+    assert len(fake.accepted()) == 2
+
+
+@pytest.mark.parametrize("suffix", ["\n", "\r\n", "\r\nX-Injected: 1"])
+def test_a_key_with_a_line_break_is_never_sent(
+    fake: FakeSendGrid, suffix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The bug of issue 9: `echo "$KEY" | gcloud secrets create` stores the key with a newline,
+    # which ended the request head early; SendGrid's 400 then dead-lettered every event.
+    key = fake.api_key + suffix
+    with caplog.at_level(logging.DEBUG), pytest.raises(ConfigurationError) as caught:
+        send(fake, notification(), key=key)
+    assert "SENDGRID_API_KEY" in caught.value.reason
+    assert fake.requests() == []
+    errors = [record for record in caplog.records if record.levelno == logging.ERROR]
+    assert "SENDGRID_API_KEY" in errors[0].getMessage()
+    assert fake.api_key not in caplog.text
+    assert fake.api_key not in caught.value.reason
+
+
+def shown(error: BaseException) -> str:
+    """Everything an exception could put in a log: its text, repr and formatted traceback."""
+    return "".join([str(error), repr(error), *traceback.format_exception(error)])
+
+
+def test_a_connection_error_never_shows_the_key(caplog: pytest.LogCaptureFixture) -> None:
+    key = "SG.connection-error.never-to-be-shown"
+
+    async def main() -> TransientDeliveryError:
+        notifier = SendGridNotifier(api_key=SecretStr(key), host="http://127.0.0.1:9", timeout=2)
+        try:
+            with pytest.raises(TransientDeliveryError) as caught:
+                await notifier.send(notification())
+            return caught.value
+        finally:
+            await notifier.aclose()
+
+    with caplog.at_level(logging.DEBUG):
+        error = asyncio.run(main())
+    assert error.reason.startswith("SendGrid unreachable: ")
+    assert "127.0.0.1:9" in error.reason
+    assert key not in shown(error)
+    assert key not in caplog.text
+
+
+def test_a_timeout_never_shows_the_key(
+    fake: FakeSendGrid, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.script(Reply.hang())
+    with caplog.at_level(logging.DEBUG), pytest.raises(TransientDeliveryError) as caught:
+        send(fake, notification(), timeout=0.3)
+    assert caught.value.reason == "SendGrid did not answer in time"
+    assert fake.api_key not in shown(caught.value)
+    assert fake.api_key not in caplog.text
+
+
+def test_a_connection_closed_without_an_answer_is_transient() -> None:
+    fake = FakeSendGrid().start()
+    fake.script(Reply.hang())  # the fake closes hung connections, unanswered, when it stops
+
+    def stop_once_received() -> None:
+        fake.wait_for_requests(1)
+        fake.stop()
+
+    stopper = threading.Thread(target=stop_once_received)
+    stopper.start()
+    try:
+        with pytest.raises(TransientDeliveryError, match="unreachable") as caught:
+            send(fake, notification())
+    finally:
+        stopper.join(timeout=10)
+        fake.stop()
+    assert fake.api_key not in shown(caught.value)
