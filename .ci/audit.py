@@ -1,19 +1,37 @@
 """`make audit`: pip-audit over requirements.txt (the runtime pins that go into the image).
 
-Fails on any known vulnerability. When the vulnerability service cannot be reached (no network
-beyond package mirrors, or PyPI's JSON API is unavailable), says so and passes: an audit that
-could not run is reported as skipped, never as clean.
+Fails on any known vulnerability, and on any run that produced no trustworthy report: pip-audit
+crashing, printing no JSON, or exiting with a code its report does not explain. One failure is
+reported as skipped instead: the vulnerability service could not be reached (no network beyond
+package mirrors, or a proxy that answers 404 for PyPI's JSON API). An audit that could not run is
+reported as skipped, never as clean.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# What pip-audit 2.x leaves on stderr when PyPI cannot be reached: its own ConnectionError
+# (connect timeout, redirect loop), logged before it exits 1, or a requests exception it does not
+# catch (DNS failure, refused or reset connection, proxy error, read timeout) as the last line of
+# a traceback. Anything else without a report is a crash.
+_UNREACHABLE = re.compile(
+    r"Could not connect to PyPI's vulnerability feed"
+    r"|PyPI is not redirecting properly"
+    r"|Tip: your network may be blocking this service"
+    r"|^requests\.exceptions\.(?:ConnectionError|ConnectTimeout|ReadTimeout|ProxyError)\b",
+    re.MULTILINE,
+)
+
+# pip-audit's skip reason when PyPI's JSON API answers 404 for a pinned release.
+_NOT_ON_PYPI = "not found on PyPI"
 
 
 def main() -> int:
@@ -32,16 +50,34 @@ def main() -> int:
         "--timeout",
         "20",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     try:
-        report = json.loads(result.stdout)
-    except ValueError:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        sys.stdout.write(f"audit: skipped, pip-audit could not run: {last}\n")
-        return 0
-    code, lines = judge(report)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    except subprocess.TimeoutExpired:
+        code, lines = 1, ["FAILED, pip-audit did not finish within 600 s"]
+    else:
+        code, lines = verdict(result.returncode, result.stdout, result.stderr)
     sys.stdout.write("".join(f"audit: {line}\n" for line in lines))
     return code
+
+
+def verdict(returncode: int, stdout: str, stderr: str) -> tuple[int, list[str]]:
+    """How one pip-audit run ends the audit: exit code and what to say."""
+    last = _last_line(stderr)
+    try:
+        report = json.loads(stdout)
+    except ValueError:
+        report = None
+    if not isinstance(report, dict) or not isinstance(report.get("dependencies"), list):
+        if returncode != 0 and _UNREACHABLE.search(stderr):
+            return 0, [f"skipped, the vulnerability service could not be reached: {last}"]
+        return 1, [f"FAILED, pip-audit exited {returncode} without a report: {last}"]
+    if returncode not in (0, 1):
+        return 1, [f"FAILED, pip-audit exited {returncode}: {last}"]
+    code, lines = judge(report)
+    if returncode == 1 and code == 0:
+        # pip-audit exits 1 for vulnerabilities; with none in the report, something else failed.
+        return 1, [f"FAILED, pip-audit exited 1 but reported no vulnerability: {last}"]
+    return code, lines
 
 
 def judge(report: dict[str, Any]) -> tuple[int, list[str]]:
@@ -57,14 +93,25 @@ def judge(report: dict[str, Any]) -> tuple[int, list[str]]:
     ]
     if vulnerable:
         return 1, [*lines, f"FAILED, {len(vulnerable)} vulnerable dependencies"]
+    if not dependencies:
+        return 1, ["FAILED, the report lists no dependencies: requirements.txt was not read"]
     if not audited:
-        return 0, [
-            "skipped, the vulnerability service could not be reached "
-            f"({len(dependencies)} pinned dependencies not audited)"
-        ]
+        # Every pinned release "not found on PyPI" means PyPI's JSON API did not answer (a mirror
+        # or proxy in between), not that fastapi vanished; any other skip reason is not that.
+        if all(_NOT_ON_PYPI in str(d.get("skip_reason")) for d in dependencies):
+            return 0, [
+                "skipped, the vulnerability service could not be reached "
+                f"({len(dependencies)} pinned dependencies not audited)"
+            ]
+        reasons = sorted({str(d.get("skip_reason")) for d in dependencies})
+        return 1, [f"FAILED, no dependency could be audited: {'; '.join(reasons)}"]
     skipped = len(dependencies) - len(audited)
     note = f" ({skipped} could not be audited)" if skipped else ""
     return 0, [f"no known vulnerabilities in {len(audited)} dependencies{note}"]
+
+
+def _last_line(stderr: str) -> str:
+    return (stderr.strip().splitlines() or ["no output"])[-1]
 
 
 if __name__ == "__main__":
