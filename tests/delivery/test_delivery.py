@@ -18,8 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from app.config import Settings
+from app.notify.sendgrid import SendGridNotifier
 from tests.factories import EVENTARC_PATH, binary, object_data
 from tests.fakes.sendgrid import FakeSendGrid, Reply
 from tests.redis_server import redis_server
@@ -181,12 +183,65 @@ def test_rejected_message_is_dead_lettered_and_replay_sends_it_once(
 def test_replay_keeps_files_the_service_does_not_accept(
     service: ThreadedServer, fake: FakeSendGrid, tmp_path: Path
 ) -> None:
-    fake.script(Reply.error(400, "bad"), Reply.error(500))
+    fake.script(Reply.error(400, "bad", field="subject"), Reply.error(500))
     deliver(service.url, *binary())
     replay = run_replay(tmp_path / "dead-letter", service.url)
     assert replay.returncode == 1
     assert "(kept)" in replay.stdout
     assert len(list((tmp_path / "dead-letter").glob("*.json"))) == 1
+
+
+def test_a_400_naming_the_recipient_address_dead_letters_the_event(
+    service: ThreadedServer, fake: FakeSendGrid, tmp_path: Path
+) -> None:
+    field = "personalizations.0.to.0.email"
+    fake.script(Reply.error(400, "Does not contain a valid address.", field=field))
+    answer = deliver(service.url, *binary(event_id="bad-address"))
+    assert answer.json() == {"status": "dead-lettered", "id": "bad-address"}
+    [letter] = (tmp_path / "dead-letter").glob("*.json")
+    assert f"{field}: Does not contain a valid address." in letter.read_text()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [Reply.error(400), Reply.error(400, "Content-Type should be application/json.")],
+    ids=["body-not-json", "content-type"],
+)
+def test_a_400_naming_no_field_of_the_message_is_retried_not_dead_lettered(
+    service: ThreadedServer, fake: FakeSendGrid, tmp_path: Path, reply: Reply
+) -> None:
+    # A request this service framed wrongly fails for every event alike: dead-lettering it
+    # (answered 2xx) would empty the queue into the instance's disk and retry nothing.
+    fake.script(reply)
+    headers, body = binary()
+    answer = deliver(service.url, headers, body)
+    assert answer.status_code == 503
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.headers["retry-after"].isdigit()
+    assert fake.api_key not in answer.text
+    assert list((tmp_path / "dead-letter").glob("*")) == []
+    assert deliver(service.url, headers, body).json()["status"] == "sent"
+    assert len(fake.accepted()) == 1
+
+
+@pytest.mark.parametrize("suffix", ["\n", "\r\n"])
+def test_a_key_with_a_trailing_newline_is_answered_503_never_sent_nor_dead_lettered(
+    fake: FakeSendGrid, tmp_path: Path, suffix: str
+) -> None:
+    # Issue 9: `echo "$KEY" | gcloud secrets create ...` keeps the newline; it ended the request
+    # head early, SendGrid answered 400 and every event was answered `200 dead-lettered`.
+    # Settings strip it; the notifier, handed such a key directly, still never sends it.
+    notifier = SendGridNotifier(
+        api_key=SecretStr(fake.api_key + suffix), host=fake.url, timeout=2.0
+    )
+    with ThreadedServer(sendgrid_settings(fake, tmp_path), notifier=notifier) as server:
+        answer = deliver(server.url, *binary())
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"].isdigit()
+    assert "SENDGRID_API_KEY" in answer.json()["detail"]
+    assert fake.api_key not in answer.text
+    assert fake.requests() == []
+    assert list((tmp_path / "dead-letter").glob("*")) == []
 
 
 def test_1500_recipients_go_out_in_two_requests_each_address_once(
