@@ -1,18 +1,16 @@
-"""Verify the OIDC identity token Eventarc sends with every event delivery (issue 4, item 1).
+"""EVENT_AUTH=oidc: the service checks the signature of Eventarc's ID token (issue 4, item 1).
 
-Eventarc delivers Cloud Storage events through a Pub/Sub push subscription, which sends
-`Authorization: Bearer <ID token>`: a JWT signed by Google with RS256 whose `email` claim is
-the trigger's service account. Its header and claims are those documented in
-https://cloud.google.com/pubsub/docs/authenticate-push-subscriptions.
-
-The signature and the `iat`/`exp` window are checked by `google.auth.jwt.decode`. The issuer
-check follows `google.oauth2.id_token.verify_oauth2_token`, which is not used itself because it
-fetches the certificates synchronously, on every call. Audience and invoker are checked here.
+For a public service: Cloud Run lets every request through, so the token's RS256 signature is
+checked here against Google's certificates. The signature and the `iat`/`exp` window are checked
+by `google.auth.jwt.decode`; the issuer check follows `google.oauth2.id_token.verify_oauth2_token`,
+which is not used itself because it fetches the certificates synchronously, on every call.
+Audience, issuer and invoker are checked in app/security/tokens.py, as for EVENT_AUTH=iam.
 
 Errors map to HTTP statuses in the app's exception handler:
 
 - `Unauthenticated` -> 401: missing, malformed, badly signed, expired, wrongly issued or
-  wrongly addressed token.
+  wrongly addressed token; also a token whose signature Cloud Run IAM removed (the service is
+  private: EVENT_AUTH=iam fits), logged at WARNING.
 - `Forbidden` -> 403: a genuine Google token for this service, but of an identity that is not
   an allowed invoker.
 - `CertificatesUnavailable` -> 503: Google's certificates could not be fetched; not the
@@ -27,20 +25,25 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Final, Self
-from urllib.parse import urlsplit
+from typing import ClassVar, Final
 
+import aiohttp
 from google.auth import crypt, jwt
-from google.auth import exceptions as google_exceptions
 
-from app.http import HttpClient, HttpError
 from app.security.errors import (
     CertificatesUnavailable,
     EventAuthError,
     Forbidden,
     Unauthenticated,
+    WrongEventAuthMode,
+)
+from app.security.tokens import (
+    DECODE_ERRORS,
+    GOOGLE_ISSUERS,
+    Claims,
+    TokenVerifier,
+    google_header,
+    signature_removed,
 )
 
 log = logging.getLogger(__name__)
@@ -57,21 +60,12 @@ __all__ = [
 ]
 
 GOOGLE_CERTS_URL: Final = "https://www.googleapis.com/oauth2/v1/certs"
-# The issuers google.oauth2.id_token accepts for Google-signed ID tokens.
-GOOGLE_ISSUERS: Final = frozenset({"accounts.google.com", "https://accounts.google.com"})
 
 DEFAULT_CERTS_MAX_AGE: Final = 3600
 # Google's own max-age is a few hours; a day bounds the damage of a misconfigured endpoint.
 LONGEST_CERTS_MAX_AGE: Final = 86_400
 
-# Google's ID tokens are about 1 KB; anything far larger is not one and is not parsed.
-_LONGEST_TOKEN: Final = 8192
-_JWT_SHAPE: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _MAX_AGE: Final = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)
-
-# What google-auth raises for a token it cannot decode or verify: its own errors (which subclass
-# ValueError), and ValueError / TypeError from base64, JSON or claims of unexpected types.
-_DECODE_ERRORS: Final = (google_exceptions.GoogleAuthError, ValueError, TypeError)
 
 # google.auth.jwt.decode reports every verification failure as InvalidValue or MalformedError;
 # only the message tells them apart. The messages also quote the token, so they never leave
@@ -85,18 +79,7 @@ _GOOGLE_AUTH_REASONS: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Claims:
-    """The verified claims of an event delivery's ID token."""
-
-    email: str
-    sub: str
-    aud: str
-    iss: str
-    exp: int
-
-
-class OidcVerifier:
+class OidcVerifier(TokenVerifier):
     """Checks `Authorization: Bearer <Google ID token>` headers of event deliveries.
 
     Certificates are fetched from `certs_url` (Google's `{kid: PEM certificate}` format) on
@@ -105,9 +88,12 @@ class OidcVerifier:
     `min_refetch_interval` seconds, so tokens with made-up key ids cannot make the service
     hammer Google, and concurrent verifications waiting for certificates share one fetch.
 
-    Fetches go through an `HttpClient` for the certificates URL's origin, created on first use
-    in the running event loop and closed by `close()`.
+    Fetches go through one aiohttp `ClientSession`, created on first use in the running event
+    loop and closed by `close()`; each has `fetch_timeout` seconds in all and follows no
+    redirect.
     """
+
+    mode: ClassVar[str] = "oidc"
 
     def __init__(
         self,
@@ -120,16 +106,12 @@ class OidcVerifier:
         min_refetch_interval: float = 30.0,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not invokers:
-            raise ValueError("at least one invoker service account is required")
+        super().__init__(invokers=invokers, audiences=audiences, clock_skew=clock_skew)
         self._certs_url = certs_url
-        self._invokers = frozenset(invoker.strip().lower() for invoker in invokers)
-        self._audiences = audiences
-        self._clock_skew = clock_skew
-        self._fetch_timeout = fetch_timeout
+        self._fetch_timeout = aiohttp.ClientTimeout(total=fetch_timeout)
         self._min_refetch_interval = min_refetch_interval
         self._monotonic = monotonic
-        self._http: HttpClient | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._lock = asyncio.Lock()
         self._certificates: dict[str, str] = {}
         self._certificates_expire_at = float("-inf")
@@ -137,85 +119,26 @@ class OidcVerifier:
         self._last_fetch_failed = False
         self._fetches_finished = 0
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     async def close(self) -> None:
-        """Close the HTTP client's connections; a new client is made if used again."""
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
-            # A new client may run in a new event loop: so must the lock.
+        """Close the HTTP session's connections; a new session is made if used again."""
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+            # A new session may run in a new event loop: so must the lock.
             self._lock = asyncio.Lock()
 
-    async def verify(self, authorization: str | None, request_url: str) -> Claims:
-        """Return the claims of the request's token, or raise an `EventAuthError`.
-
-        `authorization` is the Authorization header; `request_url` the URL the request came
-        to, as the app sees it (only its host is used).
-        """
-        try:
-            claims = await self._verify(authorization, request_url)
-        except EventAuthError as error:
-            log.info(
-                "event delivery refused",
-                extra={"reason": str(error), "error_type": type(error).__name__},
+    async def _payload(self, token: str) -> Mapping[str, object]:
+        kid = _key_id(google_header(token))
+        if signature_removed(token):
+            raise WrongEventAuthMode(
+                "token signature was removed by Cloud Run IAM",
+                advice=(
+                    "token signature was removed by Cloud Run IAM: the service is private, "
+                    "set EVENT_AUTH=iam"
+                ),
             )
-            raise
-        log.debug("event delivery authenticated", extra={"invoker": claims.email})
-        return claims
-
-    async def _verify(self, authorization: str | None, request_url: str) -> Claims:
-        token = _bearer_token(authorization)
-        kid = _key_id(token)
         certificate = await self._certificate(kid)
-        payload = _verified_payload(token, kid, certificate, self._clock_skew)
-
-        issuer = payload.get("iss")
-        if not isinstance(issuer, str) or issuer not in GOOGLE_ISSUERS:
-            raise Unauthenticated("token issuer is not Google")
-        audience = payload.get("aud")
-        if not isinstance(audience, str) or not self._addressed_to_us(audience, request_url):
-            raise Unauthenticated("token audience does not match this service")
-        subject, expiry = payload.get("sub"), payload.get("exp")
-        if not isinstance(subject, str) or not isinstance(expiry, int | float):
-            raise Unauthenticated("token claims are malformed")
-
-        # From here the token is genuine and meant for us: the caller is authenticated, and what
-        # remains is whether that identity may deliver events, hence 403 (RFC 9110 §15.5.4:
-        # authenticating again would not help). An unverified email is refused the same way:
-        # Google vouches for the token but not for the address in it, so it names no one we
-        # could have listed.
-        email = payload.get("email")
-        if not isinstance(email, str):
-            raise Forbidden("token carries no email")
-        if payload.get("email_verified") is not True:
-            raise Forbidden("email not verified")
-        if email.lower() not in self._invokers:
-            raise Forbidden("service account is not an allowed invoker")
-        return Claims(email=email, sub=subject, aud=audience, iss=issuer, exp=int(expiry))
-
-    def _addressed_to_us(self, audience: str, request_url: str) -> bool:
-        if self._audiences:
-            return audience in self._audiences
-        # Without EVENT_AUDIENCE, Eventarc's token names the service URL and a Pub/Sub push
-        # token names the full push endpoint (path and query included): any https URL of the
-        # host the request came to. Cloud Run terminates TLS, so the app may see http: only the
-        # host is taken from the request. The host comes from the Host header; configuring
-        # EVENT_AUDIENCE removes even that from the caller's hands.
-        origin = _https_origin(request_url)
-        if origin is None:
-            return False
-        head, rest = audience[: len(origin)], audience[len(origin) :]
-        return head.lower() == origin and (not rest or rest[0] in "/?")
+        return _verified_payload(token, kid, certificate, self._clock_skew)
 
     async def _certificate(self, kid: str) -> str:
         if self._monotonic() < self._certificates_expire_at and kid in self._certificates:
@@ -243,15 +166,11 @@ class OidcVerifier:
         failed = True
         try:
             certificates, max_age = await self._download_certificates()
-        except (HttpError, ValueError) as error:
-            log.warning(
-                "could not fetch signing certificates",
-                extra={
-                    "certs_url": self._certs_url,
-                    "error_type": type(error).__name__,
-                    "error": str(error),
-                },
-            )
+        except TimeoutError as error:  # aiohttp's own timeouts subclass it (and ClientError)
+            self._log_failure(type(error).__name__, "no answer in time")
+        except (aiohttp.ClientError, ValueError, RecursionError) as error:
+            # RecursionError: json.loads of a document nested thousands deep.
+            self._log_failure(type(error).__name__, str(error) or type(error).__name__)
         else:
             self._certificates = certificates
             self._certificates_expire_at = started_at + max_age
@@ -270,17 +189,27 @@ class OidcVerifier:
             self._last_fetch_failed = failed
             self._fetches_finished += 1
 
+    def _log_failure(self, error_type: str, error: str) -> None:
+        log.warning(
+            "could not fetch signing certificates",
+            extra={"certs_url": self._certs_url, "error_type": error_type, "error": error},
+        )
+
     async def _download_certificates(self) -> tuple[dict[str, str], int]:
-        # HttpError when there is no answer; ValueError for a bad URL or answer. Redirects are
-        # not followed: a 3xx is an answer other than 200.
-        origin, target = _origin_and_target(self._certs_url)
-        if self._http is None:
-            self._http = HttpClient(origin, timeout=self._fetch_timeout)
-        response = await self._http.get(target)
-        if response.status != 200:
-            raise ValueError(f"certificates endpoint answered HTTP {response.status}")
-        body: object = json.loads(response.body)
-        max_age = _max_age(response.headers.get("cache-control"))
+        # aiohttp.ClientError or TimeoutError when there is no answer; ValueError for an answer
+        # that is not a certificates document. A redirect is not followed: a 3xx is an answer
+        # other than 200, and the URL fetched is the one configured.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                cookie_jar=aiohttp.DummyCookieJar(), headers={"Accept": "application/json"}
+            )
+        async with self._session.get(
+            self._certs_url, allow_redirects=False, timeout=self._fetch_timeout
+        ) as response:
+            if response.status != 200:
+                raise ValueError(f"certificates endpoint answered HTTP {response.status}")
+            body: object = json.loads(await response.read())
+            max_age = _max_age(response.headers.get("Cache-Control"))
         if not isinstance(body, dict):
             raise ValueError("certificates endpoint did not answer a JSON object")
         certificates = {
@@ -293,41 +222,11 @@ class OidcVerifier:
         return certificates, max_age
 
 
-def _bearer_token(authorization: str | None) -> str:
-    scheme, _, credentials = (authorization or "").strip().partition(" ")
-    if not scheme:
-        raise Unauthenticated("missing bearer token")
-    if scheme.lower() != "bearer":
-        raise Unauthenticated("authorization scheme is not Bearer")
-    token = credentials.strip()
-    if not token:
-        raise Unauthenticated("missing bearer token")
-    if len(token) > _LONGEST_TOKEN or not _JWT_SHAPE.fullmatch(token):
-        raise Unauthenticated("token is malformed")
-    return token
-
-
-def _key_id(token: str) -> str:
-    header = _unverified_header(token)
-    if header is None:
-        raise Unauthenticated("token is malformed")
-    # Google signs ID tokens with RS256 only; refusing anything else up front leaves no room for
-    # algorithm confusion.
-    if header.get("alg") != "RS256":
-        raise Unauthenticated("token is not signed with RS256")
+def _key_id(header: Mapping[str, object]) -> str:
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise Unauthenticated("token has no key id")
     return kid
-
-
-def _unverified_header(token: str) -> Mapping[str, object] | None:
-    # Returns instead of raising so that no exception quoting the token is chained to ours.
-    try:
-        header = jwt.decode_header(token)  # type: ignore[no-untyped-call]
-    except _DECODE_ERRORS:
-        return None
-    return header if isinstance(header, Mapping) else None
 
 
 def _verified_payload(
@@ -341,7 +240,7 @@ def _verified_payload(
             audience=None,  # checked by the caller: it depends on the request
             clock_skew_in_seconds=clock_skew,
         )
-    except _DECODE_ERRORS as error:
+    except DECODE_ERRORS as error:
         reason = _rejection_reason(error)
     else:
         verified: Mapping[str, object] = payload  # a JSON object: google-auth checked it
@@ -367,32 +266,8 @@ def _is_certificate(kid: str, pem: str) -> bool:
     return True
 
 
-def _origin_and_target(url: str) -> tuple[str, str]:
-    """`https://host:port/path?query` -> (`https://host:port`, `/path?query`)."""
-    parts = urlsplit(url)
-    target = parts.path or "/"
-    if parts.query:
-        target += f"?{parts.query}"
-    return f"{parts.scheme}://{parts.netloc}", target
-
-
 def _max_age(cache_control: str | None) -> int:
     match = _MAX_AGE.search(cache_control or "")
     if match is None:
         return DEFAULT_CERTS_MAX_AGE
     return min(int(match.group(1)), LONGEST_CERTS_MAX_AGE)
-
-
-def _https_origin(request_url: str) -> str | None:
-    try:
-        parts = urlsplit(request_url)
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        return None
-    if not host:
-        return None
-    if ":" in host:
-        host = f"[{host}]"
-    # A Host header may carry the default port of either scheme; an audience never does.
-    netloc = host if port in (None, 80, 443) else f"{host}:{port}"
-    return f"https://{netloc}"

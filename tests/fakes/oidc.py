@@ -3,7 +3,8 @@
 `CertsServer` serves what https://www.googleapis.com/oauth2/v1/certs serves, a JSON object
 `{kid: PEM X.509 certificate}`, for keys generated in the test, and counts its fetches.
 `mint_token` signs ID tokens shaped like the ones Eventarc sends; every header field and claim
-can be replaced, or left out with `OMIT`, to make each bad case.
+can be replaced, or left out with `OMIT`, to make each bad case. `remove_signature` does to one
+what Cloud Run IAM does before a private service sees it.
 """
 
 import base64
@@ -28,6 +29,8 @@ INVOKER: Final = "eventarc-trigger@example-project.iam.gserviceaccount.com"
 SERVICE_HOST: Final = "notifier-abc123-ew.a.run.app"
 SERVICE_URL: Final = f"https://{SERVICE_HOST}"
 GOOGLE_ISSUER: Final = "https://accounts.google.com"
+# https://cloud.google.com/run/docs/troubleshooting#signature-removed
+SIGNATURE_REMOVED: Final = "SIGNATURE_REMOVED_BY_GOOGLE"
 
 
 class Omit(enum.Enum):
@@ -98,6 +101,12 @@ def mint_token(
     return f"{signing_input}.{_unpadded_b64(signature)}"
 
 
+def remove_signature(token: str) -> str:
+    """The token as Cloud Run IAM forwards it to a private service once it has checked it."""
+    signed_part, _, _ = token.rpartition(".")
+    return f"{signed_part}.{SIGNATURE_REMOVED}"
+
+
 def _segment(fields: Mapping[str, object]) -> str:
     return _unpadded_b64(json.dumps(fields).encode())
 
@@ -112,7 +121,8 @@ class CertsServer:
 
     `cache_control` is sent as the Cache-Control header (none when None); `status` other than
     200 answers that status with an empty object; `body` replaces the JSON document;
-    `delay` seconds are waited before answering.
+    `delay` seconds are waited before answering; `redirect_to` answers 302 to that URL;
+    `hang_up` closes the connection without answering.
     """
 
     def __init__(self, *keys: SigningKey, cache_control: str | None = "public, max-age=3600"):
@@ -120,6 +130,8 @@ class CertsServer:
         self.status = 200
         self.body: bytes | None = None
         self.delay = 0.0
+        self.redirect_to: str | None = None
+        self.hang_up = False
         self._lock = threading.Lock()
         self._certificates = {key.kid: key.certificate_pem for key in keys}
         self._fetches = 0
@@ -193,9 +205,19 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def do_GET(self) -> None:
-        if self.server.endpoint.delay:
-            time.sleep(self.server.endpoint.delay)
-        status, body, cache_control = self.server.endpoint._answer()
+        endpoint = self.server.endpoint
+        if endpoint.delay:
+            time.sleep(endpoint.delay)
+        status, body, cache_control = endpoint._answer()
+        if endpoint.hang_up:
+            self.close_connection = True
+            return
+        if endpoint.redirect_to is not None:
+            self.send_response(302)
+            self.send_header("Location", endpoint.redirect_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=UTF-8")
         self.send_header("Content-Length", str(len(body)))

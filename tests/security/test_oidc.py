@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from google.auth import crypt, jwt
 
+from app.security.errors import WrongEventAuthMode
 from app.security.oidc import (
     CertificatesUnavailable,
     Claims,
@@ -33,6 +34,7 @@ from tests.fakes.oidc import (
     CertsServer,
     SigningKey,
     mint_token,
+    remove_signature,
 )
 
 # Cloud Run terminates TLS: the app sees plain http on the service's host.
@@ -259,6 +261,24 @@ def test_unknown_kids_within_the_refetch_interval_cause_no_fetch(
             assert certs.fetches == 2
 
     asyncio.run(scenario())
+
+
+def test_a_token_whose_signature_cloud_run_removed_is_refused_and_the_log_names_iam(
+    certs: CertsServer, key: SigningKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = remove_signature(mint_token(key))
+
+    with pytest.raises(WrongEventAuthMode, match=r"^token signature was removed") as caught:
+        verify_once(certs, bearer(token))
+
+    assert isinstance(caught.value, Unauthenticated)
+    assert certs.fetches == 0
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage() == (
+        "token signature was removed by Cloud Run IAM: the service is private, set EVENT_AUTH=iam"
+    )
+    assert vars(warning)["event_auth"] == "oidc"
+    assert token.split(".")[1] not in f"{warning.getMessage()}{vars(warning)!r}"
 
 
 # --- 401: expiry ----------------------------------------------------------------------------
@@ -599,7 +619,16 @@ def test_a_closed_verifier_keeps_its_certificates_and_fetches_again_in_a_new_loo
 
 @pytest.mark.parametrize(
     "outage",
-    ["refused", "http 500", "not json", "not an object", "no certificates", "unreadable pem"],
+    [
+        "refused",
+        "hung up",
+        "http 500",
+        "not json",
+        "not utf-8",
+        "not an object",
+        "no certificates",
+        "unreadable pem",
+    ],
 )
 def test_unreachable_certificates_are_a_distinct_error(
     certs: CertsServer, key: SigningKey, outage: str
@@ -607,10 +636,14 @@ def test_unreachable_certificates_are_a_distinct_error(
     match outage:
         case "refused":
             certs.stop()
+        case "hung up":
+            certs.hang_up = True
         case "http 500":
             certs.status = 500
         case "not json":
             certs.body = b"<html>Service Unavailable</html>"
+        case "not utf-8":
+            certs.body = b'{"k": "\xff"}'
         case "not an object":
             certs.body = b'["a", "b"]'
         case "no certificates":
@@ -622,6 +655,20 @@ def test_unreachable_certificates_are_a_distinct_error(
         verify_once(certs, bearer(mint_token(key)))
     assert not isinstance(caught.value, Unauthenticated | Forbidden)
     assert str(caught.value) == "Google's signing certificates are unavailable"
+
+
+def test_a_redirect_is_not_followed(
+    certs: CertsServer, key: SigningKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    with CertsServer(key) as elsewhere:
+        certs.redirect_to = elsewhere.url
+
+        with pytest.raises(CertificatesUnavailable):
+            verify_once(certs, bearer(mint_token(key)))
+
+        assert (certs.fetches, elsewhere.fetches) == (1, 0)
+    [warning] = [r for r in caplog.records if r.getMessage().startswith("could not fetch")]
+    assert vars(warning)["error"] == "certificates endpoint answered HTTP 302"
 
 
 def test_a_certificates_endpoint_slower_than_the_fetch_timeout_is_unavailable(
