@@ -9,7 +9,14 @@ import httpx
 
 from app.config import Settings
 from tests.factories import EVENTARC_PATH, binary
-from tests.fakes.oidc import INVOKER, SERVICE_HOST, CertsServer, SigningKey, mint_token
+from tests.fakes.oidc import (
+    INVOKER,
+    SERVICE_HOST,
+    CertsServer,
+    SigningKey,
+    mint_token,
+    remove_signature,
+)
 from tests.fakes.sendgrid import FakeSendGrid, Reply
 from tests.servers import ServiceProcess
 
@@ -35,6 +42,7 @@ def test_key_and_tokens_never_reach_the_log_or_answers(tmp_path: Path) -> None:
             mint_token(forged),
             mint_token(key, email="x@example.com"),
             mint_token(key),
+            remove_signature(mint_token(key)),  # a private service's token under oidc
         ]
         fake.script(Reply.normal(), Reply.error(401), Reply.error(400, "bad"))
         answers = []
@@ -52,9 +60,11 @@ def test_key_and_tokens_never_reach_the_log_or_answers(tmp_path: Path) -> None:
             service.signal(signal.SIGTERM)
             service.wait(timeout=15)
         log = service.output()
-    assert [answer.status_code for answer in answers[:4]] == [200, 401, 403, 503]
+    assert [answer.status_code for answer in answers[:5]] == [200, 401, 403, 503, 401]
     assert "SendGrid refused" in log  # the 401 from SendGrid was logged ...
-    secrets = [fake.api_key, *tokens, *(token.split(".")[2] for token in tokens)]
+    assert "set EVENT_AUTH=iam" in log  # ... and the removed signature, with the mode that fits
+    secrets = [fake.api_key, *tokens, *(token.split(".")[2] for token in tokens[:4])]
+    secrets += [token.split(".")[1] for token in tokens]
     for secret in secrets:
         assert secret not in log  # ... without the key or any token
         for answer in answers:
