@@ -1,14 +1,16 @@
-"""The application factory. `uvicorn app.main:app` serves the service; tests call create_app().
+"""The application factory: `python -m app` serves it, `uvicorn --factory app.main:create_app`
+does too, and tests call create_app(settings, ...).
 
-Importing this module reads the settings and nothing else: no network, no files. The event
-pipeline (store, notifier, token verifier) is opened on first use (see app/runtime.py) and
-closed when the server stops, after in-flight requests have finished.
+Creating the app reads the settings and checks what they point at (app/preflight.py): folders
+that must take files, the SQLite database. The event pipeline (store, notifier, token verifier)
+is opened on first use (app/runtime.py) and closed when the server stops, after in-flight
+requests have finished. Nothing happens at import.
 """
 
 from __future__ import annotations
 
-import gc
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -17,17 +19,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import datetime as datetime_api
 from app.api import errors, events, health
+
+# from app.api.openapi import document_event_route  # TODO(lead): when helper lands it
 from app.config import Settings, load_settings
 from app.logs import current_trace, trace_from_header
+from app.preflight import check
 from app.runtime import Runtime
 
 if TYPE_CHECKING:
     from app.delivery.store import IdempotencyStore
     from app.notify.base import Notifier
 
+log = logging.getLogger(__name__)
+
 
 class RequestContext:
-    """Pure ASGI middleware: the Cloud Trace id for log lines, and `nosniff` on every answer."""
+    """The outermost layer of the ASGI app: the Cloud Trace id for every log line of a request
+    (the 500 handler's included), `nosniff` on every answer, and a last guard that answers 500
+    for an error no handler saw, logging each failure once."""
 
     def __init__(self, app: ASGIApp, project: str | None) -> None:
         self.app = app
@@ -43,9 +52,12 @@ class RequestContext:
                 header = value.decode("latin-1")
                 break
         token = current_trace.set(trace_from_header(header, self.project))
+        started = False
 
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-content-type-options", b"nosniff"),
@@ -54,28 +66,49 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except Exception:
+            # Starlette's ServerErrorMiddleware answers 500 through our handler (which logs it),
+            # then raises again so that servers can log it: that would be a second line.
+            if not scope.get(errors.LOGGED_KEY):
+                log.exception("unhandled error", extra={"path": scope.get("path")})
+            if not started:
+                response = errors.problem(500, "internal error")
+                await response(scope, receive, send_with_headers)
         finally:
             current_trace.reset(token)
+
+
+class Service(FastAPI):
+    """FastAPI with RequestContext around everything, ServerErrorMiddleware included."""
+
+    trace_project: str | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return RequestContext(super().build_middleware_stack(), self.trace_project)
 
 
 def create_app(
     settings: Settings | None = None,
     notifier: Notifier | None = None,
     store: IdempotencyStore | None = None,
+    *,
+    on_loaded: Callable[[], None] | None = None,
 ) -> FastAPI:
+    """Raises preflight.StartupError when the settings point at something that cannot work."""
     settings = settings or load_settings()
+    check(settings, own_notifier=notifier is None, own_store=store is None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime(settings, notifier=notifier, store=store)
+        runtime = Runtime(settings, notifier=notifier, store=store, on_loaded=on_loaded)
         app.state.runtime = runtime
-        gc.freeze()  # start-up's objects live as long as the process: keep GC passes short
+        runtime.started()
         try:
             yield
         finally:
             await runtime.aclose()
 
-    app = FastAPI(
+    app = Service(
         title="gcs-notifier",
         summary="Emails people when objects land in or leave a Cloud Storage bucket.",
         version="0.1.0",
@@ -84,12 +117,10 @@ def create_app(
         # logs for Cloud Logging instead.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
+    app.trace_project = settings.google_cloud_project
     errors.install(app)
     app.router.routes.append(events.route)
     app.include_router(datetime_api.router)
     app.include_router(health.router)
-    app.add_middleware(RequestContext, project=settings.google_cloud_project)
+    # document_event_route(app)
     return app
-
-
-app = create_app()

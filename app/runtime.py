@@ -9,10 +9,12 @@ total either way.
 
 from __future__ import annotations
 
-import gc
+import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
 from app.config import Settings
 
@@ -20,15 +22,23 @@ if TYPE_CHECKING:
     from app.delivery.pipeline import Pipeline
     from app.delivery.store import IdempotencyStore
     from app.notify.base import Notifier
-    from app.security.oidc import OidcVerifier
+    from app.security.oidc import Claims
 
 log = logging.getLogger(__name__)
 
 
+class EventVerifier(Protocol):
+    async def verify(self, authorization: str | None, request_url: str) -> Claims: ...
+
+    async def close(self) -> None: ...
+
+
 def make_notifier(settings: Settings) -> Notifier:
-    if settings.notifier == "sendgrid" and settings.sendgrid_api_key is not None:
+    if settings.notifier == "sendgrid":
         from app.notify.sendgrid import SendGridNotifier
 
+        if settings.sendgrid_api_key is None:  # refused by Settings; never a silent fall-back
+            raise ValueError("NOTIFIER=sendgrid requires SENDGRID_API_KEY")
         return SendGridNotifier(
             api_key=settings.sendgrid_api_key,
             host=settings.sendgrid_host,
@@ -40,19 +50,48 @@ def make_notifier(settings: Settings) -> Notifier:
     return OutboxNotifier(settings.outbox_dir)
 
 
-def make_verifier(settings: Settings) -> OidcVerifier:
+def make_verifier(settings: Settings) -> EventVerifier:
+    invokers = frozenset(settings.event_invokers)
+    audiences = frozenset(settings.event_audience)
+    if settings.event_auth == "iam":
+        from app.security.iam import IamVerifier
+
+        return IamVerifier(invokers=invokers, audiences=audiences)
     from app.security.oidc import OidcVerifier
 
-    return OidcVerifier(
-        certs_url=settings.oidc_certs_url,
-        invokers=frozenset(settings.event_invokers),
-        audiences=frozenset(settings.event_audience),
-    )
+    return OidcVerifier(certs_url=settings.oidc_certs_url, invokers=invokers, audiences=audiences)
+
+
+def describe(settings: Settings, *, notifier: Notifier | None = None) -> dict[str, object]:
+    """What the service runs with, for its first log line: no secrets, no store password."""
+    fields: dict[str, object] = {
+        "notifier": notifier.name if notifier is not None else settings.notifier,
+        "store": _store_description(settings.idempotency_store),
+        "event_auth": settings.event_auth,
+        "recipients": len(settings.recipients),
+        "dead_letter_dir": str(settings.dead_letter_dir),
+    }
+    if notifier is None and settings.notifier == "sendgrid":
+        fields["sendgrid_host"] = settings.sendgrid_host
+        fields["sendgrid_sandbox"] = settings.sendgrid_sandbox
+    elif notifier is None:
+        fields["outbox_dir"] = str(settings.outbox_dir)
+    return fields
+
+
+def _store_description(url: str) -> str:
+    if url.startswith(("redis://", "rediss://")):
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}{parts.path}"  # without user and password
+    return url
 
 
 class Runtime:
     """Builds the pipeline and the token verifier once, on first use; tests may hand in a
-    notifier or a store, which stay theirs to close."""
+    notifier or a store, which stay theirs to close. `on_loaded` runs once the event path has
+    been imported (the process entry point freezes the collector there)."""
 
     def __init__(
         self,
@@ -60,13 +99,21 @@ class Runtime:
         *,
         notifier: Notifier | None = None,
         store: IdempotencyStore | None = None,
+        on_loaded: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self._notifier = notifier
         self._store = store
+        self._on_loaded = on_loaded
         self._pipeline: Pipeline | None = None
-        self._verifier: OidcVerifier | None = None
+        self._verifier: EventVerifier | None = None
         self._owned = AsyncExitStack()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def started(self) -> None:
+        """Called in the lifespan's start-up, in the serving event loop."""
+        self._loop = asyncio.get_running_loop()
+        log.info("service started", extra=describe(self.settings, notifier=self._notifier))
 
     async def pipeline(self) -> Pipeline:
         # Built synchronously, so concurrent first events cannot build two.
@@ -74,14 +121,32 @@ class Runtime:
             self._pipeline = self._build_pipeline()
         return self._pipeline
 
-    async def verifier(self) -> OidcVerifier | None:
-        """The token verifier when EVENT_AUTH=oidc, else None."""
-        if self.settings.event_auth != "oidc":
+    async def verifier(self) -> EventVerifier | None:
+        """The token verifier for EVENT_AUTH=oidc or iam, else None."""
+        if self.settings.event_auth == "none":
             return None
         if self._verifier is None:
             self._verifier = make_verifier(self.settings)
             self._owned.push_async_callback(self._verifier.close)
         return self._verifier
+
+    async def check_store(self) -> None:
+        """Raise StoreUnavailable when the open store cannot be reached; a store not opened yet
+        (no event so far) has nothing to report."""
+        if self._pipeline is not None:
+            await self._pipeline.store.ping()
+
+    def shutting_down(self, grace_seconds: float) -> None:
+        """SIGTERM arrived: sends in flight must end within `grace_seconds`. Safe to call from
+        a signal handler."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._drain, grace_seconds)
+
+    def _drain(self, grace_seconds: float) -> None:
+        if self._pipeline is not None and self._loop is not None:
+            self._pipeline.drain(self._loop.time() + grace_seconds)
 
     def _build_pipeline(self) -> Pipeline:
         from app.delivery.deadletter import DeadLetterBox
@@ -97,14 +162,7 @@ class Runtime:
         if notifier is None:
             notifier = make_notifier(settings)
             self._owned.push_async_callback(notifier.aclose)
-        log.info(
-            "event pipeline ready",
-            extra={
-                "notifier": notifier.name,
-                "store": settings.idempotency_store.split(":", 1)[0],
-                "recipients": len(settings.recipients),
-            },
-        )
+        log.info("event pipeline ready", extra={"notifier": notifier.name})
         pipeline = Pipeline(
             store=store,
             notifier=notifier,
@@ -112,9 +170,8 @@ class Runtime:
             dead_letters=DeadLetterBox(settings.dead_letter_dir),
             lease_seconds=settings.claim_lease_seconds,
         )
-        # The imports above leave a few hundred thousand long-lived objects; move them out of
-        # the cyclic collector's reach so its full passes stay short under load (the p99).
-        gc.freeze()
+        if self._on_loaded is not None:
+            self._on_loaded()
         return pipeline
 
     async def aclose(self) -> None:

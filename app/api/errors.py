@@ -26,6 +26,8 @@ from app.security.errors import CertificatesUnavailable, EventAuthError, Forbidd
 log = logging.getLogger(__name__)
 
 PROBLEM = "application/problem+json"
+# Set in the ASGI scope once a failure has been logged, so the outer layer does not log it again.
+LOGGED_KEY = "gcs_notifier.error_logged"
 DEFAULT_RETRY_AFTER = 10  # seconds; Eventarc's backoff starts at 10 s too
 
 
@@ -129,6 +131,7 @@ async def _disconnected(request: Request, _: Exception) -> JSONResponse:
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     # A bug, not the client's fault. The trace goes to the log; the client learns nothing more.
     log.exception("unhandled error", extra={"path": request.url.path})
+    request.scope[LOGGED_KEY] = True
     return problem(500, "internal error")
 
 

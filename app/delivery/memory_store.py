@@ -65,6 +65,9 @@ class MemoryStore:
     async def release(self, key: str, owner: str) -> None:
         self._claims.drop(key, owner)
 
+    async def ping(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         self._claims.clear()
         self._done.clear()

@@ -10,6 +10,7 @@ dead-lettered.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Mapping
@@ -19,18 +20,23 @@ from enum import StrEnum
 from app.config import DONE_RETENTION_SECONDS
 from app.delivery.deadletter import DeadLetterBox
 from app.delivery.routes import notifications_for
-from app.delivery.store import Claim, IdempotencyStore, InFlight
+from app.delivery.store import Claim, IdempotencyStore, InFlight, StoreUnavailable
 from app.events.decode import decode_event
 from app.events.models import StorageEvent, UnhandledEvent
 from app.notify.base import (
     ConfigurationError,
     Notification,
     Notifier,
+    Receipt,
     RejectedDeliveryError,
     TransientDeliveryError,
 )
 
 log = logging.getLogger(__name__)
+
+
+class ShuttingDown(TransientDeliveryError):
+    """A send cut short because the process is stopping: 503, and Eventarc delivers again."""
 
 
 class Outcome(StrEnum):
@@ -68,6 +74,9 @@ class Pipeline:
         self.audience = audience
         self.dead_letters = dead_letters
         self.lease_seconds = lease_seconds
+        # Sends in flight, each under a deadline that drain() can bring forward.
+        self._sends: set[asyncio.Timeout] = set()
+        self._drain_at: float | None = None
 
     async def receive(self, headers: Mapping[str, str], body: bytes) -> Result:
         """An HTTP delivery's headers and body -> what became of the event."""
@@ -80,6 +89,16 @@ class Pipeline:
             )
             return Result(Outcome.IGNORED, event.id)
         return await self.handle(event)
+
+    def drain(self, deadline: float) -> None:
+        """The process is stopping: every send in flight, and any started from now on, ends by
+        `deadline` (event loop time), so it can release its claim and answer 503 before the
+        server gives up on it."""
+        self._drain_at = deadline
+        for timeout in self._sends:
+            when = timeout.when()
+            if when is None or when > deadline:
+                timeout.reschedule(deadline)
 
     async def handle(self, event: StorageEvent) -> Result:
         notifications = [
@@ -97,37 +116,41 @@ class Pipeline:
             log.info("duplicate delivery, already notified", extra=event.log_fields())
             return Result(Outcome.DUPLICATE, event.id)
 
+        held = list(claimed)  # claims this delivery must complete or release, whatever happens
         rejections: list[RejectedDeliveryError] = []
-        for index, notification in enumerate(claimed):
-            try:
-                receipt = await self.notifier.send(notification)
-            except RejectedDeliveryError as error:
-                rejections.append(error)
-                await self.store.release(notification.key, owner)
-                continue
-            except TransientDeliveryError as error:
-                await self._release(claimed[index:], owner)
-                if not isinstance(error, ConfigurationError):
-                    log.warning(
-                        "notification not sent, asking for redelivery",
-                        extra={**event.log_fields(), "reason": error.reason},
-                    )
-                raise
-            except BaseException:
-                # Cancelled or a bug: let a redelivery try again now rather than after the lease.
-                await self._release(claimed[index:], owner)
-                raise
-            await self.store.complete(notification.key, owner, DONE_RETENTION_SECONDS)
-            log.info(
-                "notification sent",
-                extra={
-                    **notification.context,
-                    "notifier": receipt.notifier,
-                    "message_id": receipt.message_id,
-                    "sandbox": receipt.sandbox,
-                    "recipients": len(notification.recipients),
-                },
-            )
+        try:
+            for notification in claimed:
+                try:
+                    receipt = await self._send(notification)
+                except RejectedDeliveryError as error:
+                    rejections.append(error)
+                    held.remove(notification)
+                    await self.store.release(notification.key, owner)
+                    continue
+                except TransientDeliveryError as error:
+                    if not isinstance(error, ConfigurationError):
+                        log.warning(
+                            "notification not sent, asking for redelivery",
+                            extra={**event.log_fields(), "reason": error.reason},
+                        )
+                    raise
+                await self.store.complete(notification.key, owner, DONE_RETENTION_SECONDS)
+                held.remove(notification)
+                log.info(
+                    "notification sent",
+                    extra={
+                        **notification.context,
+                        "notifier": receipt.notifier,
+                        "message_id": receipt.message_id,
+                        "sandbox": receipt.sandbox,
+                        "recipients": len(notification.recipients),
+                    },
+                )
+        except BaseException:
+            # A failed send, a store that failed to mark one done, cancellation or a bug: give
+            # back every claim still held so a redelivery can send now, not after the lease.
+            await self._release(held, owner)
+            raise
 
         sent = len(claimed) - len(rejections)
         if rejections:
@@ -135,27 +158,59 @@ class Pipeline:
             try:
                 self.dead_letters.put(event, reason)
             except OSError as error:
+                log.error(
+                    "could not write the dead-letter file, asking for redelivery",
+                    extra={
+                        **event.log_fields(),
+                        "path": str(self.dead_letters.directory),
+                        "reason": error.strerror or type(error).__name__,
+                    },
+                )
                 raise TransientDeliveryError(
-                    f"could not write the dead-letter file: {error.strerror}"
+                    f"could not write the dead-letter file in DEAD_LETTER_DIR: {error.strerror}"
                 ) from error
             return Result(Outcome.DEAD_LETTERED, event.id, sent)
         return Result(Outcome.SENT, event.id, sent)
+
+    async def _send(self, notification: Notification) -> Receipt:
+        try:
+            async with asyncio.timeout_at(self._drain_at) as timeout:
+                self._sends.add(timeout)
+                try:
+                    return await self.notifier.send(notification)
+                finally:
+                    self._sends.discard(timeout)
+        except TimeoutError:
+            # Only drain() sets this deadline: notifiers turn their own timeouts into
+            # TransientDeliveryError.
+            raise ShuttingDown("the service is shutting down; deliver again") from None
 
     async def _claim_all(self, notifications: list[Notification], owner: str) -> list[Notification]:
         """Claim every key not yet done; if any is in flight elsewhere, hold none of them."""
         claimed: list[Notification] = []
         in_flight = False
-        for notification in notifications:
-            state = await self.store.claim(notification.key, owner, self.lease_seconds)
-            if state is Claim.CLAIMED:
-                claimed.append(notification)
-            elif state is Claim.IN_FLIGHT:
-                in_flight = True
+        try:
+            for notification in notifications:
+                state = await self.store.claim(notification.key, owner, self.lease_seconds)
+                if state is Claim.CLAIMED:
+                    claimed.append(notification)
+                elif state is Claim.IN_FLIGHT:
+                    in_flight = True
+        except BaseException:
+            await self._release(claimed, owner)
+            raise
         if in_flight:
             await self._release(claimed, owner)
             raise InFlight("another delivery of this change is being sent")
         return claimed
 
     async def _release(self, notifications: list[Notification], owner: str) -> None:
+        """Release each claim, going on past a store failure (the lease ends those claims)."""
         for notification in notifications:
-            await self.store.release(notification.key, owner)
+            try:
+                await self.store.release(notification.key, owner)
+            except StoreUnavailable as error:
+                log.warning(
+                    "could not release a claim; it ends with its lease",
+                    extra={**notification.context, "reason": str(error)},
+                )

@@ -60,5 +60,11 @@ class RedisStore:
         except RedisError as error:
             raise StoreUnavailable(f"redis: {type(error).__name__}") from error
 
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except RedisError as error:
+            raise StoreUnavailable(f"redis: {type(error).__name__}") from error
+
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -57,7 +57,35 @@ def _connect(path: str, cache_kib: int) -> sqlite3.Connection:
     return db
 
 
+def check_database(path: str) -> None:
+    """Open (creating it if need be) the database at `path` and read its schema: raises
+    StoreUnavailable naming the problem (a folder that cannot be made, a file that is not a
+    database). Start-up calls this so a store that cannot work stops the service there."""
+    try:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, isolation_level=None)
+        try:
+            db.execute(_SCHEMA)
+        finally:
+            db.close()
+    except (OSError, sqlite3.Error) as error:
+        raise StoreUnavailable(f"sqlite: {path}: {_reason(error)}") from error
+
+
+def _reason(error: OSError | sqlite3.Error) -> str:
+    return (error.strerror or str(error)) if isinstance(error, OSError) else str(error)
+
+
 class SqliteStore:
+    @classmethod
+    def open(cls, path: str) -> SqliteStore:
+        """The store, or StoreUnavailable (answered 503) if the database cannot be opened."""
+        try:
+            return cls(path)
+        except (OSError, sqlite3.Error) as error:
+            raise StoreUnavailable(f"sqlite: {path}: {_reason(error)}") from error
+
     def __init__(self, path: str) -> None:
         self.path = path
         if path != ":memory:":
@@ -90,6 +118,12 @@ class SqliteStore:
 
     async def release(self, key: str, owner: str) -> None:
         self._claims.drop(key, owner)
+
+    async def ping(self) -> None:
+        try:
+            self._db.execute("SELECT 1 FROM done LIMIT 1").fetchall()
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"sqlite: {error}") from error
 
     def _write(self, statement: str, parameters: tuple[object, ...]) -> None:
         try:

@@ -40,6 +40,10 @@ class IdempotencyStore(Protocol):
         """Give up a claim this owner still holds, so a redelivery can send."""
         ...
 
+    async def ping(self) -> None:
+        """Raise StoreUnavailable if the store cannot be reached now (for /healthz)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -52,7 +56,7 @@ def open_store(url: str) -> IdempotencyStore:
     if url.startswith("sqlite:///"):
         from app.delivery.sqlite_store import SqliteStore
 
-        return SqliteStore(url.removeprefix("sqlite:///"))
+        return SqliteStore.open(url.removeprefix("sqlite:///"))
     if url.startswith(("redis://", "rediss://")):
         from app.delivery.redis_store import RedisStore
 
