@@ -1,7 +1,9 @@
-"""The local notifier: each notification becomes an RFC 5322 `.eml` file in a folder.
+"""The local notifier: each recipient's copy of a notification becomes an RFC 5322 `.eml` file.
 
-It is the default when no SendGrid key is configured and the tests' double: open the files with
-any mail client, or read them as text.
+It is the default when no SendGrid key is configured and the tests' double, so it mirrors what
+SendGrid receives: the SendGrid notifier sends one personalization per recipient, and SendGrid
+delivers one message to each, with only that recipient in `To:` (nobody sees the list). Here that
+is one file per recipient. Open the files with any mail client, or read them as text.
 """
 
 from __future__ import annotations
@@ -20,17 +22,42 @@ from app.notify.base import Notification, Receipt, TransientDeliveryError
 
 log = logging.getLogger(__name__)
 
+VARIABLE = "OUTBOX_DIR"  # named in every failure, so the operator knows what to fix
 
-def build_message(notification: Notification) -> EmailMessage:
+
+def build_message(notification: Notification, recipient: str) -> EmailMessage:
+    """The copy one recipient gets."""
     message = EmailMessage()
     message["From"] = notification.sender
-    message["To"] = ", ".join(notification.recipients)
+    message["To"] = recipient
     message["Subject"] = notification.subject
     message["Date"] = formatdate(localtime=False, usegmt=True)
     message["Message-ID"] = make_msgid(domain="gcs-notifier.local")
     message.set_content(notification.text)  # text/plain first: clients show the last part
     message.add_alternative(notification.html, subtype="html")  # they can render
     return message
+
+
+def file_name(key: str, recipient: str) -> str:
+    """`TIME-NOTIFICATION-RECIPIENT.eml`: a notification's copies sort together, and the name
+    holds no address (an address may contain any character a file name cannot)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    notification = hashlib.sha256(key.encode()).hexdigest()[:16]
+    addressee = hashlib.sha256(recipient.encode()).hexdigest()[:8]
+    return f"{stamp}-{notification}-{addressee}.eml"
+
+
+class OutboxWriteError(Exception):
+    """Writing `path` failed; the OSError is the cause."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        # mkdir(exist_ok=True) on a file says "File exists", which reads like no problem at all.
+        self.reason = (
+            "not a folder" if isinstance(error, FileExistsError) else error.strerror or str(error)
+        )
+        super().__init__(f"{path}: {self.reason}")
+        self.path = path
+        self.error = error
 
 
 class OutboxNotifier:
@@ -41,22 +68,59 @@ class OutboxNotifier:
         self.directory = directory
 
     async def send(self, notification: Notification) -> Receipt:
-        message = build_message(notification)
+        copies = [
+            (recipient, build_message(notification, recipient))
+            for recipient in notification.recipients
+        ]
         try:
-            path = await asyncio.to_thread(self._write, notification.key, message.as_bytes())
-        except OSError as error:
+            paths = await asyncio.to_thread(self._write_all, notification.key, copies)
+        except OutboxWriteError as failed:
+            reason = failed.reason
+            log.error(
+                "outbox write failed",
+                extra={
+                    **notification.context,
+                    "path": str(failed.path),
+                    "variable": VARIABLE,
+                    "reason": reason,
+                    "notifier": self.name,
+                },
+            )
             # A full or read-only disk may heal; Eventarc will deliver the event again.
-            raise TransientDeliveryError(f"outbox write failed: {error.strerror}") from error
+            raise TransientDeliveryError(
+                f"outbox write failed: {failed.path}: {reason} ({VARIABLE}={self.directory})"
+            ) from failed.error
         log.info(
             "notification written to outbox",
-            extra={**notification.context, "path": str(path), "notifier": self.name},
+            extra={
+                **notification.context,
+                "path": str(self.directory),
+                "copies": len(paths),
+                "notifier": self.name,
+            },
         )
-        return Receipt(notifier=self.name, message_id=str(message["Message-ID"]))
+        # One id for the receipt, as SendGrid's X-Message-Id names one request: the first copy's.
+        first = str(copies[0][1]["Message-ID"]) if copies else None
+        return Receipt(notifier=self.name, message_id=first)
 
-    def _write(self, key: str, payload: bytes) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        final = self.directory / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{digest}.eml"
+    def _write_all(self, key: str, copies: list[tuple[str, EmailMessage]]) -> list[Path]:
+        """Every copy, or none: SendGrid accepts a request's personalizations together or not at
+        all, so a failed copy removes those already written. The notification then failed as a
+        whole (503), and the redelivery writes every copy again, once."""
+        written: list[Path] = []
+        target = self.directory
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for recipient, message in copies:
+                target = self.directory / file_name(key, recipient)
+                self._write(target, message.as_bytes())
+                written.append(target)
+        except OSError as error:
+            self._remove(written)
+            raise OutboxWriteError(target, error) from error
+        return written
+
+    def _write(self, final: Path, payload: bytes) -> None:
         # Write then rename: a reader never sees half a message (rename is atomic on POSIX).
         handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
         try:
@@ -66,7 +130,17 @@ class OutboxNotifier:
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
-        return final
+
+    def _remove(self, paths: list[Path]) -> None:
+        for path in paths:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as error:
+                # Left behind, this copy is sent again by the redelivery: say which one.
+                log.warning(
+                    "outbox copy of a failed notification not removed",
+                    extra={"path": str(path), "variable": VARIABLE, "reason": error.strerror},
+                )
 
     async def aclose(self) -> None:
         return None
