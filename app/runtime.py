@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from app.config import Settings
@@ -22,15 +22,9 @@ if TYPE_CHECKING:
     from app.delivery.pipeline import Pipeline
     from app.delivery.store import IdempotencyStore
     from app.notify.base import Notifier
-    from app.security.oidc import Claims
+    from app.security.tokens import TokenVerifier
 
 log = logging.getLogger(__name__)
-
-
-class EventVerifier(Protocol):
-    async def verify(self, authorization: str | None, request_url: str) -> Claims: ...
-
-    async def close(self) -> None: ...
 
 
 def make_notifier(settings: Settings) -> Notifier:
@@ -50,7 +44,7 @@ def make_notifier(settings: Settings) -> Notifier:
     return OutboxNotifier(settings.outbox_dir)
 
 
-def make_verifier(settings: Settings) -> EventVerifier:
+def make_verifier(settings: Settings) -> TokenVerifier:
     invokers = frozenset(settings.event_invokers)
     audiences = frozenset(settings.event_audience)
     if settings.event_auth == "iam":
@@ -106,7 +100,7 @@ class Runtime:
         self._store = store
         self._on_loaded = on_loaded
         self._pipeline: Pipeline | None = None
-        self._verifier: EventVerifier | None = None
+        self._verifier: TokenVerifier | None = None
         self._owned = AsyncExitStack()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -121,7 +115,7 @@ class Runtime:
             self._pipeline = self._build_pipeline()
         return self._pipeline
 
-    async def verifier(self) -> EventVerifier | None:
+    async def verifier(self) -> TokenVerifier | None:
         """The token verifier for EVENT_AUTH=oidc or iam, else None."""
         if self.settings.event_auth == "none":
             return None

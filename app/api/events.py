@@ -19,7 +19,13 @@ async def receive_event(request: Request) -> Response:
     verifier = await runtime.verifier()
     if verifier is not None:
         # Before the body is read: strangers cost us a header check, nothing more.
-        await verifier.verify(request.headers.get("authorization"), str(request.url))
+        # Cloud Run IAM checks X-Serverless-Authorization instead of Authorization when both
+        # come; the verifier needs both to tell which token was checked.
+        await verifier.verify(
+            request.headers.get("authorization"),
+            str(request.url),
+            serverless_authorization=request.headers.get("x-serverless-authorization"),
+        )
     body = await read_body(request)
     pipeline = await runtime.pipeline()
     result = await pipeline.receive(request.headers, body)
