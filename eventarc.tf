@@ -1,9 +1,14 @@
-# Cloud Storage -> Eventarc -> Cloud Run -> email, in one `terraform apply` (README, "Deploy").
+# Cloud Storage -> Eventarc -> Cloud Run -> email (README, "Deploy").
 #
-# Terraform owns the project wiring: APIs, two service accounts, IAM grants, the Cloud Run service
-# and one Eventarc trigger per Cloud Storage event type. Cloud Build (cloudbuild.yaml) owns the
-# image: every `gcloud builds submit` deploys a new revision of this same service, so Terraform
-# ignores later image changes (see `lifecycle` below).
+# Terraform owns the project wiring: APIs, two service accounts, IAM grants, the Cloud Run service,
+# one Eventarc trigger per Cloud Storage event type and an alert on each trigger's undelivered
+# events. Cloud Build (cloudbuild.yaml) owns the image: every `gcloud builds submit` deploys a new
+# revision of this same service, so Terraform ignores what `gcloud run deploy` changes (see
+# `lifecycle` below).
+#
+# Order (README): `terraform apply` creates the service without triggers, Cloud Build deploys the
+# real image, then `terraform apply -var create_triggers=true` connects the bucket. Until then the
+# service runs a placeholder image that would acknowledge any event without sending an email.
 #
 # Offline checks: tests/deploy/test_terraform.py (structure, via python-hcl2) and checkov
 # (.ci/check_deploy.sh). Argument names follow the hashicorp/google provider documentation.
@@ -14,7 +19,9 @@ terraform {
   required_providers {
     google = {
       source  = "hashicorp/google"
-      version = ">= 6.0, < 8.0"
+      # 7.x: the service-level `scaling { max_instance_count }` below. .terraform.lock.hcl pins
+      # the exact release and its checksums (tests/deploy/test_terraform.py keeps them agreeing).
+      version = "~> 7.12"
     }
   }
 }
@@ -45,9 +52,15 @@ variable "bucket" {
 }
 
 variable "image" {
-  description = "Image of the first revision. Later revisions come from cloudbuild.yaml. The default is Google's sample that answers on $PORT, so the service can exist before the first build."
+  description = "Image of the first revision. Later revisions come from cloudbuild.yaml. The default is Google's sample that answers on $PORT, so the service can exist before the first build; it acknowledges any event without emailing, which is why no trigger exists until create_triggers = true."
   type        = string
   default     = "us-docker.pkg.dev/cloudrun/container/hello"
+}
+
+variable "create_triggers" {
+  description = "Create the Eventarc triggers. Set to true only once Cloud Build has deployed the real image (README order: apply, build, apply with true), and keep it true (terraform.tfvars): false deletes the triggers."
+  type        = bool
+  default     = false
 }
 
 variable "service" {
@@ -84,15 +97,47 @@ variable "sendgrid_secret" {
 }
 
 variable "sendgrid_secret_version" {
-  description = "Version of that secret to mount (a number, or latest)."
+  description = "Version number of that secret to mount (`gcloud secrets versions list`). Pinned, never latest: a revision keeps the key it started with, and a rotation is a new version plus a deploy (README, \"Rotating the SendGrid key\"). Use the same number as _SENDGRID_SECRET_VERSION in Cloud Build."
   type        = string
-  default     = "latest"
+
+  validation {
+    condition     = can(regex("^[1-9][0-9]*$", var.sendgrid_secret_version))
+    error_message = "sendgrid_secret_version must be a version number such as 3, not latest: with latest, instances started after a rotation use the new key while warm ones keep the old."
+  }
 }
 
 variable "public_datetime" {
-  description = "Let anyone call the service (GET /datetime, like the book's public HTTP function). Events stay protected: the service checks the trigger's OIDC token itself (EVENT_AUTH=oidc)."
+  description = "Let anyone call the service (GET /datetime, like the book's public HTTP function). Events stay protected: the service checks the trigger's OIDC token itself (EVENT_AUTH=oidc). false: only IAM invokers reach it, Cloud Run checks the token and removes its signature, and the service runs with EVENT_AUTH=iam. Keep it equal to _PUBLIC in Cloud Build."
   type        = bool
   default     = true
+}
+
+variable "cloud_build_service_account" {
+  description = "Email of the service account Cloud Build deploys with (`gcloud builds get-default-service-account`). Gets roles/run.admin on this service only and roles/iam.serviceAccountUser on the runtime account only. Empty: grant nothing."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.cloud_build_service_account == "" || can(regex("^[^@[:space:]]+@[^@[:space:]]+\\.gserviceaccount\\.com$", var.cloud_build_service_account))
+    error_message = "cloud_build_service_account must be a service account email (NAME@PROJECT.iam.gserviceaccount.com), or empty."
+  }
+}
+
+variable "alert_after_seconds" {
+  description = "Alert when a trigger's oldest undelivered event is older than this. Eventarc drops an event 24 hours after it was published; the default leaves 23 hours to fix SendGrid, the key or the service."
+  type        = number
+  default     = 3600
+
+  validation {
+    condition     = var.alert_after_seconds >= 300 && var.alert_after_seconds <= 43200
+    error_message = "alert_after_seconds must be between 300 (5 minutes: retries of a passing hiccup) and 43200 (12 hours, half of Eventarc's 24)."
+  }
+}
+
+variable "alert_notification_channels" {
+  description = "Cloud Monitoring notification channel IDs (projects/PROJECT/notificationChannels/ID) the undelivered-events alerts go to. Empty: the incidents show in Cloud Monitoring only."
+  type        = list(string)
+  default     = []
 }
 
 variable "deletion_protection" {
@@ -141,11 +186,23 @@ locals {
   idempotency_store  = var.redis_url == "" ? "sqlite:////tmp/gcs-notifier/state/notifier.db" : var.redis_url
   max_instance_count = var.redis_url == "" ? 1 : var.max_instances
 
+  # The service's deterministic URL (Cloud Run docs, "Deterministic URL"): the audience of the
+  # trigger's token. The service cannot read its own `uri` in its environment (a cycle), and the
+  # Host header is the caller's to choose, so the URL is built from what it is made of.
+  event_audience = "https://${var.service}-${data.google_project.this.number}.${var.region}.run.app"
+
+  # Eventarc's subscription name is projects/PROJECT/subscriptions/ID; Monitoring labels it by ID.
+  subscription_ids = {
+    for key, trigger in google_eventarc_trigger.storage :
+    key => element(split("/", trigger.transport[0].pubsub[0].subscription), 3)
+  }
+
   apis = toset([
     "artifactregistry.googleapis.com",
     "cloudbuild.googleapis.com",
     "eventarc.googleapis.com",
     "iam.googleapis.com",
+    "monitoring.googleapis.com",
     "pubsub.googleapis.com",
     "run.googleapis.com",
     "secretmanager.googleapis.com",
@@ -225,6 +282,29 @@ resource "google_service_account_iam_member" "pubsub_signs_for_trigger" {
   member             = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
 }
 
+# Cloud Build deploys with `gcloud run deploy`: it acts as the runtime account (this account
+# only, not every account of the project) and administers this service only. run.admin rather than
+# run.developer because each deploy also sets who may invoke (--[no-]allow-unauthenticated), which
+# needs run.services.setIamPolicy; without it gcloud only warns, and the access would stop
+# matching EVENT_AUTH.
+resource "google_service_account_iam_member" "cloud_build_acts_as_runtime" {
+  count = var.cloud_build_service_account == "" ? 0 : 1
+
+  service_account_id = google_service_account.runtime.name
+  role               = "roles/iam.serviceAccountUser"
+  member             = "serviceAccount:${var.cloud_build_service_account}"
+}
+
+resource "google_cloud_run_v2_service_iam_member" "cloud_build_deploys" {
+  count = var.cloud_build_service_account == "" ? 0 : 1
+
+  project  = var.project
+  location = google_cloud_run_v2_service.notifier.location
+  name     = google_cloud_run_v2_service.notifier.name
+  role     = "roles/run.admin"
+  member   = "serviceAccount:${var.cloud_build_service_account}"
+}
+
 resource "google_cloud_run_v2_service_iam_member" "trigger_invokes" {
   project  = var.project
   location = google_cloud_run_v2_service.notifier.location
@@ -235,6 +315,8 @@ resource "google_cloud_run_v2_service_iam_member" "trigger_invokes" {
 
 # Public on purpose, and only when var.public_datetime: GET /datetime answers anyone, like the book's
 # public HTTP function, while POST / still demands the trigger's OIDC token (EVENT_AUTH=oidc).
+# The same variable picks EVENT_AUTH below: on a private service Cloud Run's IAM has already
+# verified the token and forwards it with the signature removed (EVENT_AUTH=iam).
 resource "google_cloud_run_v2_service_iam_member" "public_datetime" {
   count = var.public_datetime ? 1 : 0
 
@@ -254,6 +336,14 @@ resource "google_cloud_run_v2_service" "notifier" {
   location            = var.region
   deletion_protection = var.deletion_protection
   ingress             = "INGRESS_TRAFFIC_ALL"
+
+  # The SQLite store's one-instance cap, for the whole service: Cloud Run applies the service
+  # level at once and across revisions, while a revision's own cap (template.scaling) may briefly
+  # be exceeded (Cloud Run docs, "Set maximum instances"). Cloud Build sets both (--max,
+  # --max-instances).
+  scaling {
+    max_instance_count = local.max_instance_count
+  }
 
   template {
     service_account                  = google_service_account.runtime.email
@@ -288,6 +378,12 @@ resource "google_cloud_run_v2_service" "notifier" {
           cpu    = "1"
           memory = "512Mi"
         }
+        # CPU only while a request is served (request-based billing), as `gcloud run deploy`
+        # does by default: with `resources` set, the provider would otherwise keep CPU always
+        # allocated and bill every instance-second.
+        cpu_idle = true
+        # Full CPU for the start-up after a scale from zero, when a burst of redeliveries waits.
+        startup_cpu_boost = true
       }
 
       env {
@@ -313,7 +409,11 @@ resource "google_cloud_run_v2_service" "notifier" {
       }
       env {
         name  = "EVENT_AUTH"
-        value = "oidc"
+        value = var.public_datetime ? "oidc" : "iam"
+      }
+      env {
+        name  = "EVENT_AUDIENCE"
+        value = local.event_audience
       }
       env {
         name  = "EVENT_INVOKERS"
@@ -338,9 +438,13 @@ resource "google_cloud_run_v2_service" "notifier" {
 
   lifecycle {
     # cloudbuild.yaml deploys each new image with `gcloud run deploy`, which also stamps the
-    # client fields; without this, the next `terraform apply` would roll the image back.
+    # client fields and writes template annotations and labels of its own (e.g.
+    # client.knative.dev/user-image); without this, the next `terraform apply` would roll the
+    # image back and start a new revision each time. This configuration sets none of them.
     ignore_changes = [
       template[0].containers[0].image,
+      template[0].annotations,
+      template[0].labels,
       client,
       client_version,
     ]
@@ -354,11 +458,12 @@ resource "google_cloud_run_v2_service" "notifier" {
 
 # ---------------------------------------------------------------------------------------------
 # One trigger per event type: each matches the type and the bucket, lives in the bucket's
-# location (Eventarc requires it) and posts CloudEvents to the service's "/".
+# location (Eventarc requires it) and posts CloudEvents to the service's "/". None before
+# var.create_triggers: the first revision's placeholder image would acknowledge every event.
 # ---------------------------------------------------------------------------------------------
 
 resource "google_eventarc_trigger" "storage" {
-  for_each = local.event_types
+  for_each = var.create_triggers ? local.event_types : {}
 
   name            = "${var.service}-${each.key}"
   location        = lower(data.google_storage_bucket.watched.location)
@@ -392,6 +497,48 @@ resource "google_eventarc_trigger" "storage" {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Eventarc drops an event 24 hours after it was published if the service never answered 2xx
+# (Eventarc docs, "Retry events"). A dead-letter topic would need settings on the subscription
+# Eventarc creates and owns, which google_eventarc_trigger does not expose; so each trigger's
+# subscription gets an alert on its oldest undelivered event instead, raised with most of the day
+# left to fix the cause (SendGrid down, a revoked key, a broken revision). Retention is not
+# lengthened on purpose: the service keeps done marks 25 hours, so a redelivery after that could
+# send a second email.
+# ---------------------------------------------------------------------------------------------
+
+resource "google_monitoring_alert_policy" "undelivered_events" {
+  for_each = google_eventarc_trigger.storage
+
+  display_name          = "${each.value.name}: events undelivered"
+  combiner              = "OR"
+  severity              = "ERROR"
+  notification_channels = var.alert_notification_channels
+
+  conditions {
+    display_name = "Oldest undelivered event older than ${var.alert_after_seconds} s"
+
+    condition_threshold {
+      filter          = "resource.type = \"pubsub_subscription\" AND metric.type = \"pubsub.googleapis.com/subscription/oldest_unacked_message_age\" AND resource.labels.subscription_id = \"${local.subscription_ids[each.key]}\""
+      comparison      = "COMPARISON_GT"
+      threshold_value = var.alert_after_seconds
+      duration        = "0s"
+
+      aggregations {
+        alignment_period   = "60s"
+        per_series_aligner = "ALIGN_MAX"
+      }
+    }
+  }
+
+  documentation {
+    mime_type = "text/markdown"
+    content   = "Eventarc trigger ${each.value.name} has not delivered an event for ${var.alert_after_seconds} s; Eventarc drops it 24 hours after it was published. Read the service's errors: `gcloud run services logs read ${var.service} --region=${var.region} --log-filter='severity>=WARNING'` (README, \"Running it on Cloud Run\")."
+  }
+
+  depends_on = [google_project_service.apis]
+}
+
+# ---------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------
 
@@ -403,6 +550,11 @@ output "service_url" {
 output "trigger_names" {
   description = "Eventarc trigger of each Cloud Storage event type."
   value       = { for key, trigger in google_eventarc_trigger.storage : local.event_types[key] => trigger.name }
+}
+
+output "event_audience" {
+  description = "The audience the service accepts in the trigger's token (EVENT_AUDIENCE)."
+  value       = local.event_audience
 }
 
 output "runtime_service_account" {

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 TERRAFORM = ROOT / "eventarc.tf"
+TERRAFORM_LOCK = ROOT / ".terraform.lock.hcl"
 CLOUDBUILD = ROOT / "cloudbuild.yaml"
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +213,12 @@ HCL_OPTIONS = SerializationOptions(
 def load_terraform() -> dict[str, Any]:
     document: dict[str, Any] = hcl2.loads(TERRAFORM.read_text(), serialization_options=HCL_OPTIONS)
     return document
+
+
+def load_terraform_lock() -> dict[str, dict[str, Any]]:
+    """.terraform.lock.hcl: each locked provider's version, constraints and hashes by address."""
+    document = hcl2.loads(TERRAFORM_LOCK.read_text(), serialization_options=HCL_OPTIONS)
+    return blocks(document, "provider")
 
 
 def blocks(document: Mapping[str, Any], kind: str) -> dict[str, dict[str, Any]]:

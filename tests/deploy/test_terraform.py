@@ -15,6 +15,7 @@ import pytest
 from tests.deploy.artifacts import (
     blocks,
     load_terraform,
+    load_terraform_lock,
     locals_,
     of_type,
     resources,
@@ -31,6 +32,7 @@ STORAGE_EVENT_TYPES = {
 
 REQUIRED_APIS = {
     "eventarc.googleapis.com",
+    "monitoring.googleapis.com",
     "run.googleapis.com",
     "pubsub.googleapis.com",
     "storage.googleapis.com",
@@ -114,6 +116,7 @@ DOCUMENTED: dict[str, Schema] = {
         "deletion_protection": None,
         "scaling": {
             "min_instance_count": None,
+            "max_instance_count": None,
             "scaling_mode": None,
             "manual_instance_count": None,
         },
@@ -171,6 +174,34 @@ DOCUMENTED: dict[str, Schema] = {
         },
         "transport": {"pubsub": {"topic": None}},
     },
+    "google_monitoring_alert_policy": {
+        "display_name": None,
+        "combiner": None,
+        "enabled": None,
+        "notification_channels": None,
+        "alert_strategy": {"auto_close": None, "notification_rate_limit": {"period": None}},
+        "user_labels": None,
+        "severity": None,
+        "project": None,
+        "documentation": {"content": None, "mime_type": None, "subject": None},
+        "conditions": {
+            "display_name": None,
+            "condition_threshold": {
+                "filter": None,
+                "comparison": None,
+                "threshold_value": None,
+                "duration": None,
+                "evaluation_missing_data": None,
+                "trigger": {"count": None, "percent": None},
+                "aggregations": {
+                    "alignment_period": None,
+                    "per_series_aligner": None,
+                    "cross_series_reducer": None,
+                    "group_by_fields": None,
+                },
+            },
+        },
+    },
     "data.google_project": {"project_id": None},
     "data.google_storage_bucket": {"name": None, "project": None},
     "data.google_storage_project_service_account": {"project": None, "user_project": None},
@@ -221,6 +252,33 @@ def grants(tf: dict[str, Any], type_name: str, role: str) -> dict[str, dict[str,
     }
 
 
+def conditional(expression: str) -> tuple[str, Any, Any]:
+    """`${var.NAME ? A : B}` -> (NAME, A, B), A and B as Python values (strings or integers)."""
+    match = re.fullmatch(r'\$\{var\.(\w+) \? ("\w*"|\d+) : ("\w*"|\d+)\}', expression)
+    assert match, expression
+
+    def value(text: str) -> Any:
+        return text.strip('"') if text.startswith('"') else int(text)
+
+    return match[1], value(match[2]), value(match[3])
+
+
+def evaluate(expression: str, variables: dict[str, Any]) -> Any:
+    """A `var.NAME ? A : B` conditional under the given variable values."""
+    name, if_true, if_false = conditional(expression)
+    return if_true if variables[name] else if_false
+
+
+def public_grant(tf: dict[str, Any]) -> dict[str, Any]:
+    public = {
+        address: body
+        for address, body in resources(tf).items()
+        if body.get("member") in {"allUsers", "allAuthenticatedUsers"}
+    }
+    _, grant = only(public)
+    return grant
+
+
 def satisfies(version: str, constraint: str) -> bool:
     """Terraform version constraint semantics for =, !=, >, >=, <, <= and ~>."""
 
@@ -255,9 +313,26 @@ def test_terraform_and_the_google_provider_are_pinned(tf: dict[str, Any]) -> Non
     google = single(settings["required_providers"])["google"]
     assert google["source"] == "hashicorp/google"
     constraint = google["version"]
-    assert satisfies("6.0.0", constraint) or satisfies("7.0.0", constraint)
-    for outside in ("5.45.0", "8.0.0", "9.1.0"):
+    assert satisfies("7.12.0", constraint)
+    # 6.x has no service-level `scaling { max_instance_count }`; 8.x may break what is used here.
+    for outside in ("5.45.0", "6.50.0", "8.0.0", "9.1.0"):
         assert not satisfies(outside, constraint), outside
+
+
+def test_the_lock_file_pins_a_provider_release_the_constraint_admits(tf: dict[str, Any]) -> None:
+    locked = load_terraform_lock()
+    assert set(locked) == {"registry.terraform.io/hashicorp/google"}
+    google = locked["registry.terraform.io/hashicorp/google"]
+    required = single(single(tf["terraform"])["required_providers"])["google"]
+    assert satisfies(google["version"], required["version"]), (google, required)
+    # `terraform init` records the constraint it resolved; a different one means a stale lock.
+    assert google["constraints"] == required["version"]
+    hashes = google["hashes"]
+    assert any(re.fullmatch(r"h1:[A-Za-z0-9+/]{43}=", value) for value in hashes)
+    zip_hashes = [value for value in hashes if value.startswith("zh:")]
+    assert len(zip_hashes) >= 10, "one zh: hash per platform package of the release"
+    assert all(re.fullmatch(r"zh:[0-9a-f]{64}", value) for value in zip_hashes)
+    assert all(re.fullmatch(r"(h1|zh):\S+", value) for value in hashes)
 
 
 def test_version_constraint_reader_follows_terraform() -> None:
@@ -269,8 +344,10 @@ def test_version_constraint_reader_follows_terraform() -> None:
 
 def test_one_trigger_per_storage_event_type(tf: dict[str, Any]) -> None:
     _, trigger = only(of_type(tf, "google_eventarc_trigger"))
-    reference = re.fullmatch(r"\$\{local\.(\w+)\}", trigger["for_each"])
-    assert reference, "the triggers iterate over a local map of event types"
+    reference = re.fullmatch(
+        r"\$\{var\.create_triggers \? local\.(\w+) : \{\}\}", trigger["for_each"]
+    )
+    assert reference, "once created, the triggers iterate over a local map of event types"
     event_types = locals_(tf)[reference[1]]
     assert isinstance(event_types, dict)
     assert set(event_types.values()) == STORAGE_EVENT_TYPES
@@ -376,7 +453,6 @@ def test_sendgrid_key_comes_from_secret_manager(tf: dict[str, Any]) -> None:
 
 def test_events_are_authenticated_as_the_trigger_account(tf: dict[str, Any]) -> None:
     settings = env(tf)
-    assert settings["EVENT_AUTH"]["value"] == "oidc"
     assert settings["EVENT_INVOKERS"]["value"] == account_email(tf, "trigger")
     assert settings["NOTIFIER"]["value"] == "sendgrid"
     assert settings["NOTIFY_TO"]["value"] == '${join(",", var.notify_to)}'
@@ -396,6 +472,8 @@ def test_one_instance_unless_redis_deduplicates_across_instances(tf: dict[str, A
     _, body = service(tf)
     scaling = single(single(body["template"])["scaling"])
     assert scaling["max_instance_count"] == "${local.max_instance_count}"
+    # Service level too: a revision's own cap may briefly be exceeded, the service's may not.
+    assert single(body["scaling"])["max_instance_count"] == "${local.max_instance_count}"
     values = locals_(tf)
     assert values["max_instance_count"] == '${var.redis_url == "" ? 1 : var.max_instances}'
     assert env(tf)["IDEMPOTENCY_STORE"]["value"] == "${local.idempotency_store}"
@@ -411,12 +489,7 @@ def test_deletion_protection_is_a_variable(tf: dict[str, Any]) -> None:
 
 
 def test_anyone_may_invoke_only_when_public_datetime(tf: dict[str, Any]) -> None:
-    public = {
-        address: body
-        for address, body in resources(tf).items()
-        if body.get("member") in {"allUsers", "allAuthenticatedUsers"}
-    }
-    _, grant = only(public)
+    grant = public_grant(tf)
     assert grant["role"] == "roles/run.invoker"
     assert grant["count"] == "${var.public_datetime ? 1 : 0}"
     assert blocks(tf, "variable")["public_datetime"]["type"] == "bool"
@@ -426,6 +499,138 @@ def test_image_deployed_by_cloud_build_is_not_rolled_back(tf: dict[str, Any]) ->
     _, body = service(tf)
     ignored = single(body["lifecycle"])["ignore_changes"]
     assert "${template[0].containers[0].image}" in ignored
+
+
+def test_what_gcloud_run_deploy_writes_does_not_roll_a_new_revision(tf: dict[str, Any]) -> None:
+    # `gcloud run deploy` stamps the client fields and writes template annotations and labels
+    # (client.knative.dev/user-image): each would show as drift and make a revision per apply.
+    _, body = service(tf)
+    ignored = set(single(body["lifecycle"])["ignore_changes"])
+    ignored = {entry.removeprefix("${").removesuffix("}") for entry in ignored}
+    assert {"template[0].annotations", "template[0].labels", "client", "client_version"} <= (
+        ignored
+    )
+    template = single(body["template"])
+    assert "annotations" not in template, "ignored: Terraform could never change them"
+    assert "labels" not in template, "ignored: Terraform could never change them"
+
+
+def test_event_auth_pairs_with_who_may_invoke(tf: dict[str, Any]) -> None:
+    # Public: Cloud Run passes the trigger's signed token through, the service verifies it (oidc).
+    # Private: Cloud Run's IAM verifies it and removes the signature, the service must run iam.
+    auth_variable, _, _ = conditional(env(tf)["EVENT_AUTH"]["value"])
+    grant_variable, _, _ = conditional(public_grant(tf)["count"])
+    assert auth_variable == grant_variable == "public_datetime"
+    for public, expected in ((True, "oidc"), (False, "iam")):
+        variables = {"public_datetime": public}
+        assert evaluate(public_grant(tf)["count"], variables) == (1 if public else 0)
+        assert evaluate(env(tf)["EVENT_AUTH"]["value"], variables) == expected
+
+
+def test_event_audience_is_the_services_own_url(tf: dict[str, Any]) -> None:
+    # Cloud Run's deterministic URL, https://SERVICE-PROJECT_NUMBER.REGION.run.app, of this
+    # service: its name and region, and the number of the project it is created in.
+    _, body = service(tf)
+    assert body["name"] == "${var.service}"
+    assert body["location"] == "${var.region}"
+    assert env(tf)["EVENT_AUDIENCE"]["value"] == "${local.event_audience}"
+    projects = {
+        address: data
+        for address, data in resources(tf, "data").items()
+        if address.startswith("google_project.")
+    }
+    address, project = only(projects)
+    assert project["project_id"] == "${var.project}"
+    assert locals_(tf)["event_audience"] == (
+        "https://${var.service}-${data." + address + ".number}.${var.region}.run.app"
+    )
+
+
+def test_cpu_is_billed_per_request_like_gcloud_deploys(tf: dict[str, Any]) -> None:
+    resources_ = single(container(tf)["resources"])
+    # With `resources` set, cpu_idle defaults to false: CPU always allocated, billed per instance.
+    assert resources_["cpu_idle"] is True
+    assert resources_["startup_cpu_boost"] is True
+
+
+def test_no_trigger_exists_before_the_real_image_is_deployed(tf: dict[str, Any]) -> None:
+    # The first revision runs a placeholder that answers 200 to any CloudEvent: a trigger in front
+    # of it would acknowledge events without emailing them.
+    variables = blocks(tf, "variable")
+    placeholder = variables["image"].get("default")
+    _, trigger = only(of_type(tf, "google_eventarc_trigger"))
+    if placeholder is not None:
+        assert trigger["for_each"] == "${var.create_triggers ? local.event_types : {}}"
+        assert variables["create_triggers"]["type"] == "bool"
+        assert variables["create_triggers"]["default"] is False
+
+
+def sendgrid_version_pattern(tf: dict[str, Any]) -> re.Pattern[str]:
+    variable = blocks(tf, "variable")["sendgrid_secret_version"]
+    condition = single(variable["validation"])["condition"]
+    match = re.fullmatch(r'\$\{can\(regex\("(.+)", var\.sendgrid_secret_version\)\)\}', condition)
+    assert match, condition
+    return re.compile(match[1])
+
+
+def test_sendgrid_key_version_is_a_pinned_number(tf: dict[str, Any]) -> None:
+    # `latest` resolves per instance start: after a rotation, warm instances keep the old key.
+    variable = blocks(tf, "variable")["sendgrid_secret_version"]
+    assert "default" not in variable, "a pinned version is the operator's choice, not ours"
+    pattern = sendgrid_version_pattern(tf)
+    for accepted in ("1", "3", "27"):
+        assert pattern.search(accepted), accepted
+    for refused in ("latest", "", "0", "01", "3 ", "1.0", "projects/p/secrets/s/versions/3"):
+        assert not pattern.search(refused), refused
+
+
+def test_cloud_build_gets_only_this_service_and_the_runtime_account(tf: dict[str, Any]) -> None:
+    builder = "serviceAccount:${var.cloud_build_service_account}"
+    for type_name in ("google_project_iam_member", "google_project_iam_binding"):
+        for address, grant in of_type(tf, type_name).items():
+            assert builder not in str(grant.get("member", grant.get("members"))), address
+    (acts_as,) = [
+        grant
+        for grant in of_type(tf, "google_service_account_iam_member").values()
+        if grant["member"] == builder
+    ]
+    assert acts_as["role"] == "roles/iam.serviceAccountUser"
+    assert acts_as["service_account_id"] == "${google_service_account.runtime.name}"
+    (deploys,) = [
+        grant
+        for grant in of_type(tf, "google_cloud_run_v2_service_iam_member").values()
+        if grant["member"] == builder
+    ]
+    service_address, _ = service(tf)
+    assert deploys["name"] == "${" + service_address + ".name}"
+    # run.admin, not run.developer: the deploy sets the invoker policy (--allow-unauthenticated).
+    assert deploys["role"] == "roles/run.admin"
+    for grant in (acts_as, deploys):
+        assert grant["count"] == '${var.cloud_build_service_account == "" ? 0 : 1}'
+
+
+def test_each_triggers_subscription_alerts_long_before_eventarc_drops_events(
+    tf: dict[str, Any],
+) -> None:
+    trigger_address, _ = only(of_type(tf, "google_eventarc_trigger"))
+    _, policy = only(of_type(tf, "google_monitoring_alert_policy"))
+    assert policy["for_each"] == "${" + trigger_address + "}"
+    condition = single(single(policy["conditions"])["condition_threshold"])
+    metric = "pubsub.googleapis.com/subscription/oldest_unacked_message_age"
+    assert f'metric.type = "{metric}"' in condition["filter"]
+    assert 'resource.type = "pubsub_subscription"' in condition["filter"]
+    assert (
+        'resource.labels.subscription_id = "${local.subscription_ids[each.key]}"'
+        in (condition["filter"])
+    )
+    subscription_ids = locals_(tf)["subscription_ids"]
+    assert f"in {trigger_address} :" in subscription_ids
+    assert ".transport[0].pubsub[0].subscription" in subscription_ids
+    assert condition["comparison"] == "COMPARISON_GT"
+    assert condition["threshold_value"] == "${var.alert_after_seconds}"
+    seconds = blocks(tf, "variable")["alert_after_seconds"]
+    assert seconds["default"] <= 6 * 3600, "most of Eventarc's 24 hours must remain to act"
+    assert policy["notification_channels"] == "${var.alert_notification_channels}"
 
 
 def test_required_apis_are_enabled(tf: dict[str, Any]) -> None:
@@ -444,7 +649,10 @@ def test_required_apis_are_enabled(tf: dict[str, Any]) -> None:
 def test_inputs_are_variables(tf: dict[str, Any]) -> None:
     declared = blocks(tf, "variable")
     expected = {"project", "region", "bucket", "image", "notify_to", "notify_from"}
-    assert expected | {"sendgrid_secret", "public_datetime", "deletion_protection"} <= set(declared)
+    expected |= {"sendgrid_secret", "sendgrid_secret_version", "public_datetime"}
+    expected |= {"deletion_protection", "create_triggers", "cloud_build_service_account"}
+    expected |= {"alert_after_seconds", "alert_notification_channels"}
+    assert expected <= set(declared)
     for name, variable in declared.items():
         assert variable.get("description"), f"variable {name} has no description"
         assert "type" in variable, f"variable {name} has no type"
