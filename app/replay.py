@@ -9,6 +9,7 @@ REPLAY_ID_TOKEN (e.g. `gcloud auth print-identity-token`), not on the command li
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import urllib.error
@@ -17,6 +18,21 @@ from pathlib import Path
 from cloudevents.core.bindings.http import HTTPMessage
 
 from app.emit import DEFAULT_URL, post
+
+
+def dead_letters(directory: Path) -> list[Path]:
+    """The `.json` files in `directory`; OSError when it is missing, not a folder or unreadable
+    (Path.glob would answer all three with an empty list)."""
+    if not directory.exists():
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(directory))
+    if not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(directory))
+    with os.scandir(directory) as entries:
+        return sorted(
+            Path(entry.path)
+            for entry in entries
+            if entry.name.endswith(".json") and entry.is_file()
+        )
 
 
 def replay_file(path: Path, url: str, token: str | None) -> tuple[int, str]:
@@ -34,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=DEFAULT_URL, help=f"service URL (default {DEFAULT_URL})")
     args = parser.parse_args(argv)
     token = os.environ.get("REPLAY_ID_TOKEN")
-    files = sorted(args.directory.glob("*.json"))
+    try:
+        files = dead_letters(args.directory)
+    except OSError as error:
+        # A mistyped folder is not an empty one: say so, and fail, so a script notices.
+        print(f"{error.strerror or error}: {args.directory}", file=sys.stderr)
+        return 2
     if not files:
         print(f"nothing to replay in {args.directory}")
         return 0
