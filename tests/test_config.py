@@ -241,3 +241,84 @@ def test_python_m_app_with_a_bad_variable_exits_with_a_message(tmp_path: Path) -
     assert "invalid configuration" in output
     assert "Traceback" not in output
     assert API_KEY not in output
+
+
+@pytest.mark.parametrize("spelling", ["OIDC", "Oidc", " oidc "])
+def test_event_auth_is_case_insensitive(monkeypatch: pytest.MonkeyPatch, spelling: str) -> None:
+    values = settings(
+        monkeypatch, EVENT_AUTH=spelling, EVENT_INVOKERS="t@p.iam.gserviceaccount.com"
+    )
+    assert values.event_auth == "oidc"
+
+
+def test_notifier_is_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings(monkeypatch, NOTIFIER="OUTBOX").notifier == "outbox"
+
+
+def test_iam_without_invokers_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = refusal(monkeypatch, EVENT_AUTH="iam")
+    assert "EVENT_AUTH=iam requires EVENT_INVOKERS" in message
+
+
+@pytest.mark.parametrize("padding", ["\n", "\r\n", " ", "\t\n"])
+def test_whitespace_around_the_key_is_stripped(
+    monkeypatch: pytest.MonkeyPatch, padding: str
+) -> None:
+    values = settings(
+        monkeypatch,
+        SENDGRID_API_KEY=f"{padding}{API_KEY}{padding}",
+        NOTIFY_TO="a@example.com",
+        NOTIFY_FROM="n@example.com",
+    )
+    assert values.sendgrid_api_key is not None
+    assert values.sendgrid_api_key.get_secret_value() == API_KEY
+
+
+@pytest.mark.parametrize("inside", ["\n", "\r\n", "\x01", " ", "\x7f", "é"])
+def test_a_key_with_a_character_a_header_cannot_carry_is_refused_without_echo(
+    monkeypatch: pytest.MonkeyPatch, inside: str
+) -> None:
+    key = API_KEY[:10] + inside + API_KEY[10:]
+    message = refusal(
+        monkeypatch, SENDGRID_API_KEY=key, NOTIFY_TO="a@example.com", NOTIFY_FROM="n@example.com"
+    )
+    assert "SENDGRID_API_KEY" in message
+    assert API_KEY[:10] not in message
+    assert API_KEY[10:] not in message
+
+
+def test_a_blank_key_counts_as_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings(monkeypatch, SENDGRID_API_KEY=" \n").notifier == "outbox"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://127.0.0.1:abc/0", "invalid port"),
+        ("redis://:6379/0", "needs a host"),
+        ("redis://127.0.0.1:6379/zero", "must be a number"),
+        ("sqlite:///", "needs the path"),
+        ("sqlite:///state/", "needs the path"),
+    ],
+)
+def test_store_urls_that_cannot_work_are_refused(
+    monkeypatch: pytest.MonkeyPatch, url: str, says: str
+) -> None:
+    message = refusal(monkeypatch, IDEMPOTENCY_STORE=url)
+    assert "IDEMPOTENCY_STORE" in message
+    assert says in message
+
+
+def test_field_and_cross_field_problems_are_listed_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    message = refusal(monkeypatch, PORT="x", NOTIFIER="sendgrid", EVENT_AUTH="oidc")
+    assert "PORT" in message
+    assert "NOTIFIER=sendgrid requires SENDGRID_API_KEY, NOTIFY_TO, NOTIFY_FROM" in message
+    assert "EVENT_AUTH=oidc requires EVENT_INVOKERS" in message
+    assert len(message.splitlines()) == 4
+
+
+def test_a_sendgrid_host_with_a_line_break_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = refusal(monkeypatch, SENDGRID_HOST="https://api.sendgrid.com\r\nX: y")
+    assert "SENDGRID_HOST" in message
