@@ -156,3 +156,28 @@ def test_a_redis_store_that_goes_away_answers_503_and_healthz_says_so(tmp_path: 
             redis.close()  # redis-server stops; the service goes on
         assert_retry_later(deliver(server.url, *binary()))
         assert httpx.get(server.url + "/healthz").status_code == 503
+
+
+def test_a_dead_letter_write_that_fails_is_logged_with_its_path_and_answered_503(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with FakeSendGrid() as fake:
+        fake.script(Reply.error(400, "invalid address", field="personalizations.0.to.0.email"))
+        dead_letters = tmp_path / "dead-letter"
+        settings = outbox_settings(
+            tmp_path,
+            notifier="sendgrid",
+            sendgrid_api_key=fake.api_key,
+            sendgrid_host=fake.url,
+            dead_letter_dir=dead_letters,
+        )
+        with ThreadedServer(settings) as server:
+            # The folder start-up checked becomes a file while the service runs.
+            dead_letters.rmdir()
+            dead_letters.write_text("not a folder any more")
+            answer = deliver(server.url, *binary())
+    assert_retry_later(answer)
+    assert "DEAD_LETTER_DIR" in answer.json()["detail"]
+    [record] = [r for r in caplog.records if r.getMessage().startswith("could not write the dead")]
+    assert record.levelname == "ERROR"
+    assert getattr(record, "path", None) == str(dead_letters)
