@@ -11,6 +11,7 @@ import argparse
 import base64
 import hashlib
 import mimetypes
+import os
 import sys
 import time
 import urllib.error
@@ -93,12 +94,24 @@ def post(url: str, message: HTTPMessage, timeout: float = 30) -> tuple[int, str]
         return error.code, error.read().decode("utf-8", "replace")
 
 
+def utf8(value: str) -> str:
+    """An argument that must be text. Python reads command-line bytes that are not UTF-8 as lone
+    surrogates (PEP 383), which no JSON body or header can carry; Cloud Storage names are UTF-8."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 text: {os.fsencode(value)!r}") from None
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.emit", description=__doc__.split("\n")[0])
     parser.add_argument("type", choices=[member.short for member in EventType])
-    parser.add_argument("--bucket", required=True)
-    parser.add_argument("--name", required=True, help="object name, e.g. reports/q3.csv")
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"service URL (default {DEFAULT_URL})")
+    parser.add_argument("--bucket", required=True, type=utf8)
+    parser.add_argument("--name", required=True, type=utf8, help="object name, e.g. reports/q3.csv")
+    parser.add_argument(
+        "--url", default=DEFAULT_URL, type=utf8, help=f"service URL (default {DEFAULT_URL})"
+    )
     parser.add_argument("--structured", action="store_true", help="structured mode, not binary")
     parser.add_argument("--size", type=int, default=1024, help="object size in bytes")
     args = parser.parse_args(argv)

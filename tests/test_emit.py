@@ -76,3 +76,32 @@ def test_emit_without_a_service_says_so(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "could not reach" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def emit_bytes(*args: str | bytes) -> subprocess.CompletedProcess[bytes]:
+    """The command as a shell runs it with `--name $'\\xff'`: arguments are bytes, not text."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.emit", *args, "--url", "http://127.0.0.1:9/"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("option", ["--name", "--bucket"])
+@pytest.mark.parametrize("raw", [b"\xff", b"report-\xe9t\xe9.csv", b"a\xed\xa0\x80b"])
+def test_emit_refuses_bytes_that_are_not_utf8_without_a_traceback(option: str, raw: bytes) -> None:
+    values = {"--name": b"test1.txt", "--bucket": b"demo", option: raw}
+    result = emit_bytes("finalized", "--bucket", values["--bucket"], "--name", values["--name"])
+    assert result.returncode == 2
+    stderr = result.stderr.decode()
+    assert "Traceback" not in stderr
+    assert f"argument {option}: not valid UTF-8 text: {raw!r}" in stderr
+    assert result.stdout == b""
+
+
+def test_emit_takes_non_ascii_utf8_names() -> None:
+    result = emit_bytes("finalized", "--bucket", "demo", "--name", "rapport d'été.csv".encode())
+    assert result.returncode == 2  # past the argument check, on to the (absent) service
+    assert b"could not reach http://127.0.0.1:9/" in result.stderr
