@@ -4,12 +4,23 @@ gives the built-in substitutions when it uploads a local folder: no commit, no b
 Rules from Cloud Build's "Substituting variable values": user substitutions match `_[A-Z0-9_]+`,
 a `$$` is a literal `$` (a bash variable of the step), and by default (substitution_option
 MUST_MATCH) a build fails if it references an undefined substitution or defines an unused one.
+
+The `check` and `deploy` steps are bash scripts: they run here under bash, with the step's `env`
+as Cloud Build resolves it, against a stand-in `gcloud` that records its arguments (Google's
+command line tool, the one thing not run for real), so the tests see the exact `gcloud run deploy`
+command each choice of substitutions produces.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
-import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +33,7 @@ from tests.deploy.artifacts import (
     load_terraform,
     locals_,
     of_type,
+    resources,
     single,
     strings,
     substitute,
@@ -48,6 +60,9 @@ LOCAL_SUBMIT = {
     "SERVICE_ACCOUNT": "projects/my-project/serviceAccounts/"
     "123456789012-compute@developer.gserviceaccount.com",
 }
+
+# What the README's `gcloud builds submit` passes on top of the defaults.
+SUBMITTED = {"_SENDGRID_SECRET_VERSION": "3"}
 
 # REGION-docker.pkg.dev/PROJECT/REPOSITORY/IMAGE:TAG, every part present.
 ARTIFACT_REGISTRY_IMAGE = re.compile(
@@ -80,13 +95,60 @@ def flag(args: list[str], name: str) -> str:
     return found[0]
 
 
-def deploy_args(build: dict[str, Any]) -> list[str]:
-    (deploy,) = [
-        step
-        for step in build["steps"]
-        if step.get("entrypoint") == "gcloud" and step["args"][:2] == ["run", "deploy"]
-    ]
-    return resolved_args(build, deploy["id"])
+@dataclass(frozen=True)
+class StepRun:
+    returncode: int
+    stderr: str
+    gcloud_calls: list[list[str]]
+
+
+FAKE_GCLOUD = f"""#!{sys.executable}
+import json, os, sys
+with open(os.environ["GCLOUD_CALLS"], "a") as calls:
+    calls.write(json.dumps(sys.argv[1:]) + "\\n")
+"""
+
+
+def run_step(build: dict[str, Any], step_id: str, tmp_path: Path, **substitutions: str) -> StepRun:
+    """One script step as Cloud Build runs it: substitutions resolved in `env` and `args`, then
+    `entrypoint args...` with that environment, `gcloud` being a recorder."""
+    step = steps_by_id(build)[step_id]
+    assert step["entrypoint"] == "bash"
+    values = {**defaults(build), **SUBMITTED, **substitutions}
+    step_env = dict(substitute(entry, values).partition("=")[::2] for entry in step.get("env", []))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    gcloud = bin_dir / "gcloud"
+    gcloud.write_text(FAKE_GCLOUD)
+    gcloud.chmod(0o755)
+    calls = tmp_path / "gcloud-calls.jsonl"
+    calls.unlink(missing_ok=True)
+    bash = shutil.which("bash")
+    assert bash is not None
+    result = subprocess.run(
+        [bash, *(substitute(arg, values) for arg in step["args"])],
+        env={
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "GCLOUD_CALLS": str(calls),
+            **step_env,
+        },
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    recorded = calls.read_text().splitlines() if calls.exists() else []
+    return StepRun(result.returncode, result.stderr, [json.loads(line) for line in recorded])
+
+
+def deploy_args(build: dict[str, Any], tmp_path: Path, **substitutions: str) -> list[str]:
+    """The arguments of the one `gcloud run deploy` the deploy step runs."""
+    run = run_step(build, "deploy", tmp_path, **substitutions)
+    assert run.returncode == 0, run.stderr
+    (call,) = run.gcloud_calls
+    assert call[:2] == ["run", "deploy"]
+    return call
 
 
 def env_vars(args: list[str]) -> dict[str, str]:
@@ -121,15 +183,33 @@ def test_every_reference_is_a_builtin_or_a_defined_substitution(build: dict[str,
         assert defined <= referenced, f"defined but unused: {defined - referenced}"
 
 
+# Substitutions the operator must pass; the check step refuses the build without them.
+REQUIRED = {"_SENDGRID_SECRET_VERSION"}
+
+
 def test_user_substitutions_are_underscored_with_defaults_and_shadow_no_builtin(
     build: dict[str, Any],
 ) -> None:
+    assert set(SUBMITTED) == REQUIRED
     for key, value in build["substitutions"].items():
         assert re.fullmatch(r"_[A-Z0-9_]+", key), key
         assert key[1:] not in BUILTIN_SUBSTITUTIONS, f"{key} reads like the built-in ${key[1:]}"
         assert isinstance(value, str), f"{key}: quote it, Cloud Build substitutions are strings"
-        assert value, f"{key} has no default"
+        assert bool(value) != (key in REQUIRED), f"{key}: a default only where one is safe"
         assert "$" not in value, f"{key}: defaults are not substituted (no dynamic substitutions)"
+
+
+def test_scripts_take_substitutions_through_env_only(build: dict[str, Any]) -> None:
+    # A substitution pasted into a script is code to bash: a quote or $(...) in a recipient list
+    # would break the deploy or run. Through `env` it stays data.
+    for step in build["steps"]:
+        if step.get("entrypoint") != "bash":
+            continue
+        script = step["args"][-1]
+        assert substitution_references(script) == [], step["id"]
+        assert step["args"][:-1] == ["-c"], step["id"]
+        if "\n" in script.strip():  # a script, not one command: stop at its first failure
+            assert script.startswith("set -euo pipefail\n"), step["id"]
 
 
 def test_cloud_run_region_is_ours_not_the_build_location(build: dict[str, Any]) -> None:
@@ -138,17 +218,20 @@ def test_cloud_run_region_is_ours_not_the_build_location(build: dict[str, Any]) 
     assert "LOCATION" not in referenced  # $LOCATION is where the build runs
 
 
-def test_image_references_are_complete_under_gcloud_builds_submit(build: dict[str, Any]) -> None:
+def test_image_references_are_complete_under_gcloud_builds_submit(
+    build: dict[str, Any], tmp_path: Path
+) -> None:
     values = defaults(build)
     references = [substitute(image, values) for image in build["images"]]
     for step in build["steps"]:
+        if step.get("entrypoint") == "bash":
+            continue
         args = [substitute(arg, values) for arg in step.get("args", [])]
-        references += [
-            arg.partition("=")[2] for arg in args if arg.startswith(("--tag=", "--image="))
-        ]
+        references += [arg.partition("=")[2] for arg in args if arg.startswith("--tag=")]
         references += [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in {"-t", "--tag"}]
         if step["name"].endswith("/docker") and args[:1] == ["push"]:
             references.append(args[1])
+    references.append(flag(deploy_args(build, tmp_path), "--image"))
     assert len(references) >= 4
     for reference in references:
         assert "//" not in reference, reference
@@ -161,38 +244,46 @@ def test_a_commit_based_tag_would_be_caught(build: dict[str, Any]) -> None:
     assert not ARTIFACT_REGISTRY_IMAGE.match(broken)
 
 
-def test_deployed_image_is_the_built_pushed_and_listed_image(build: dict[str, Any]) -> None:
+def test_deployed_image_is_the_built_pushed_and_listed_image(
+    build: dict[str, Any], tmp_path: Path
+) -> None:
     values = defaults(build)
     (listed,) = [substitute(image, values) for image in build["images"]]
     built = flag(resolved_args(build, "build"), "--tag")
     pushed = resolved_args(build, "push")
     assert pushed[0] == "push"
-    assert built == pushed[1] == flag(deploy_args(build), "--image") == listed
+    assert built == pushed[1] == flag(deploy_args(build, tmp_path), "--image") == listed
     assert listed.endswith(":" + LOCAL_SUBMIT["BUILD_ID"])
 
 
-def test_tests_run_before_the_image_is_built(build: dict[str, Any]) -> None:
+def prerequisites(build: dict[str, Any], step_id: str) -> set[str]:
     steps = build["steps"]
     ids = [step["id"] for step in steps]
+    index = ids.index(step_id)
+    wait_for = steps[index].get("waitFor")
+    if wait_for is None:  # Cloud Build: no waitFor means after every earlier step
+        direct = set(ids[:index])
+    elif wait_for == ["-"]:  # "-" means at the start of the build
+        direct = set()
+    else:
+        direct = set(wait_for)
+    return direct | {earlier for name in direct for earlier in prerequisites(build, name)}
 
-    def prerequisites(index: int) -> set[str]:
-        wait_for = steps[index].get("waitFor")
-        if wait_for is None:  # Cloud Build: no waitFor means after every earlier step
-            direct = set(ids[:index])
-        elif wait_for == ["-"]:  # "-" means at the start of the build
-            direct = set()
-        else:
-            direct = set(wait_for)
-        return direct | {earlier for name in direct for earlier in prerequisites(ids.index(name))}
 
-    build_index = ids.index("build")
-    assert steps[build_index]["name"] == "gcr.io/cloud-builders/docker"
-    assert "test" in prerequisites(build_index)
-    assert "build" in prerequisites(ids.index("deploy"))
-    assert "push" in prerequisites(ids.index("deploy"))
+def test_tests_run_before_the_image_is_built(build: dict[str, Any]) -> None:
+    assert steps_by_id(build)["build"]["name"] == "gcr.io/cloud-builders/docker"
+    assert "test" in prerequisites(build, "build")
+    assert {"build", "push"} <= prerequisites(build, "deploy")
     test_command = " ".join(steps_by_id(build)["test"]["args"])
     assert "python -m pytest" in test_command
     assert "-r requirements-dev.txt" in test_command
+
+
+def test_settings_are_checked_before_anything_else(build: dict[str, Any]) -> None:
+    assert build["steps"][0]["id"] == "check"
+    assert prerequisites(build, "check") == set()
+    for step in build["steps"][1:]:
+        assert "check" in prerequisites(build, step["id"]), step["id"]
 
 
 def test_tests_run_on_the_python_of_the_image(build: dict[str, Any]) -> None:
@@ -200,21 +291,21 @@ def test_tests_run_on_the_python_of_the_image(build: dict[str, Any]) -> None:
     assert test_image == dockerfile_stages()[-1].base
 
 
-def test_deploy_sets_identity_secret_and_settings(build: dict[str, Any]) -> None:
-    args = deploy_args(build)
+def test_deploy_sets_identity_secret_and_settings(build: dict[str, Any], tmp_path: Path) -> None:
+    args = deploy_args(build, tmp_path)
     project = LOCAL_SUBMIT["PROJECT_ID"]
     subs = build["substitutions"]
     runtime = f"{subs['_RUNTIME_SA']}@{project}.iam.gserviceaccount.com"
     trigger = f"{subs['_TRIGGER_SA']}@{project}.iam.gserviceaccount.com"
+    assert args[2] == subs["_SERVICE"]
     assert flag(args, "--service-account") == runtime
     assert flag(args, "--region") == subs["_REGION"]
     assert flag(args, "--set-secrets") == (
-        f"SENDGRID_API_KEY={subs['_SENDGRID_SECRET']}:{subs['_SENDGRID_SECRET_VERSION']}"
+        f"SENDGRID_API_KEY={subs['_SENDGRID_SECRET']}:{SUBMITTED['_SENDGRID_SECRET_VERSION']}"
     )
     assert flag(args, "--concurrency") == "80"
     settings = env_vars(args)
     assert settings["NOTIFIER"] == "sendgrid"
-    assert settings["EVENT_AUTH"] == "oidc"
     assert settings["EVENT_INVOKERS"] == trigger
     assert settings["NOTIFY_TO"] == subs["_NOTIFY_TO"]
     assert settings["NOTIFY_FROM"] == subs["_NOTIFY_FROM"]
@@ -223,42 +314,116 @@ def test_deploy_sets_identity_secret_and_settings(build: dict[str, Any]) -> None
     assert "PORT" not in settings, "Cloud Run sets PORT itself and rejects it"
 
 
-def test_notify_to_keeps_its_commas(build: dict[str, Any]) -> None:
+def test_event_audience_is_the_services_deterministic_url(
+    build: dict[str, Any], tmp_path: Path
+) -> None:
+    subs = build["substitutions"]
+    audience = env_vars(deploy_args(build, tmp_path))["EVENT_AUDIENCE"]
+    assert audience == (
+        f"https://{subs['_SERVICE']}-{LOCAL_SUBMIT['PROJECT_NUMBER']}.{subs['_REGION']}.run.app"
+    )
+    other = env_vars(deploy_args(build, tmp_path, _SERVICE="mailer", _REGION="europe-west1"))
+    assert other["EVENT_AUDIENCE"] == "https://mailer-123456789012.europe-west1.run.app"
+
+
+@pytest.mark.parametrize(
+    ("public", "access", "event_auth"),
+    [("true", "--allow-unauthenticated", "oidc"), ("false", "--no-allow-unauthenticated", "iam")],
+)
+def test_event_auth_pairs_with_who_may_invoke(
+    build: dict[str, Any], tmp_path: Path, public: str, access: str, event_auth: str
+) -> None:
+    args = deploy_args(build, tmp_path, _PUBLIC=public)
+    assert args[-1] == access
+    assert [arg for arg in args if "allow-unauthenticated" in arg] == [access]
+    assert env_vars(args)["EVENT_AUTH"] == event_auth
+
+
+@pytest.mark.parametrize("public", ["yes", "True", "", "--allow-unauthenticated"])
+def test_an_unknown_access_choice_deploys_nothing(
+    build: dict[str, Any], tmp_path: Path, public: str
+) -> None:
+    for step_id in ("check", "deploy"):
+        run = run_step(build, step_id, tmp_path, _PUBLIC=public)
+        assert run.returncode != 0, step_id
+        assert "_PUBLIC must be true or false" in run.stderr
+        assert run.gcloud_calls == []
+
+
+def test_access_is_chosen_only_through_public(build: dict[str, Any]) -> None:
+    assert build["substitutions"]["_PUBLIC"] in {"true", "false"}
+    assert not any("INVOKER" in key or "AUTH" in key for key in build["substitutions"])
+    assert all("EVENT_AUTH=oidc" not in text for text in strings(build))
+    assert all("EVENT_AUTH=iam" not in text for text in strings(build))
+
+
+@pytest.mark.parametrize("version", ["latest", "", "0", "1.0", "3 ", "projects/p/secrets/s"])
+def test_a_secret_version_that_is_not_a_number_fails_the_build_early(
+    build: dict[str, Any], tmp_path: Path, version: str
+) -> None:
+    run = run_step(build, "check", tmp_path, _SENDGRID_SECRET_VERSION=version)
+    assert run.returncode == 1
+    assert "_SENDGRID_SECRET_VERSION must be a version number" in run.stderr
+    assert run.gcloud_calls == []
+
+
+def test_the_default_settings_with_a_version_pass_the_check(
+    build: dict[str, Any], tmp_path: Path
+) -> None:
+    run = run_step(build, "check", tmp_path)
+    assert (run.returncode, run.stderr) == (0, "")
+    assert run.gcloud_calls == []
+
+
+def test_notify_to_keeps_its_commas(build: dict[str, Any], tmp_path: Path) -> None:
     recipients = "alice@example.com,bob@example.com"
-    values = {**defaults(build), "_NOTIFY_TO": recipients}
-    (deploy,) = [step for step in build["steps"] if step["id"] == "deploy"]
-    args = [substitute(arg, values) for arg in deploy["args"]]
-    assert env_vars(args)["NOTIFY_TO"] == recipients
+    assert env_vars(deploy_args(build, tmp_path, _NOTIFY_TO=recipients))["NOTIFY_TO"] == (
+        recipients
+    )
 
 
-def test_one_instance_while_deduplication_is_per_instance(build: dict[str, Any]) -> None:
-    args = deploy_args(build)
+def test_substitution_values_reach_gcloud_as_data(build: dict[str, Any], tmp_path: Path) -> None:
+    hostile = "\"Ops\" <ops@example.com>,$(touch pwned) `touch pwned2` $HOME 'x'"
+    args = deploy_args(build, tmp_path, _NOTIFY_FROM=hostile)
+    assert env_vars(args)["NOTIFY_FROM"] == hostile
+    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "pwned2").exists()
+
+
+def test_one_instance_while_deduplication_is_per_instance(
+    build: dict[str, Any], tmp_path: Path
+) -> None:
+    args = deploy_args(build, tmp_path)
     assert env_vars(args)["IDEMPOTENCY_STORE"].startswith("sqlite:////tmp/")
+    # The service-level cap holds across revisions; a revision's own may briefly be exceeded.
+    assert flag(args, "--max") == "1"
     assert flag(args, "--max-instances") == "1"
 
 
-def test_unauthenticated_access_only_with_oidc_event_auth(build: dict[str, Any]) -> None:
-    assert build["substitutions"]["_INVOKER_ACCESS"] in {
-        "--allow-unauthenticated",
-        "--no-allow-unauthenticated",
-    }
-    for access in ("--allow-unauthenticated", "--no-allow-unauthenticated"):
-        values = {**defaults(build), "_INVOKER_ACCESS": access}
-        (deploy,) = [step for step in build["steps"] if step["id"] == "deploy"]
-        args = [substitute(arg, values) for arg in deploy["args"]]
-        if "--allow-unauthenticated" in args:
-            assert env_vars(args)["EVENT_AUTH"] == "oidc"
-    everything = "\n".join(strings(build))
-    assert everything.count("--allow-unauthenticated") == 1
+def test_more_instances_need_a_shared_store(build: dict[str, Any], tmp_path: Path) -> None:
+    run = run_step(build, "check", tmp_path, _MAX_INSTANCES="3")
+    assert run.returncode == 1
+    assert "SQLite" in run.stderr
+    store = "redis://10.0.0.3:6379/0"
+    assert run_step(build, "check", tmp_path, _MAX_INSTANCES="3", _IDEMPOTENCY_STORE=store) == (
+        StepRun(0, "", [])
+    )
+    args = deploy_args(build, tmp_path, _MAX_INSTANCES="3", _IDEMPOTENCY_STORE=store)
+    assert flag(args, "--max") == flag(args, "--max-instances") == "3"
 
 
-def test_deploy_arguments_survive_the_shell_unchanged(build: dict[str, Any]) -> None:
-    # The gcloud entrypoint gets each arg as one argv entry: no arg may rely on shell splitting.
-    for arg in deploy_args(build)[2:]:
-        assert shlex.split(arg) == [arg], arg
+def test_cpu_is_billed_per_request_with_a_start_up_boost(
+    build: dict[str, Any], tmp_path: Path
+) -> None:
+    args = deploy_args(build, tmp_path)
+    assert "--cpu-throttling" in args
+    assert "--no-cpu-throttling" not in args
+    assert "--cpu-boost" in args
 
 
-def test_cloud_build_and_terraform_deploy_the_same_service(build: dict[str, Any]) -> None:
+def test_cloud_build_and_terraform_deploy_the_same_service(
+    build: dict[str, Any], tmp_path: Path
+) -> None:
     tf = load_terraform()
     variables = blocks(tf, "variable")
     subs = build["substitutions"]
@@ -266,7 +431,10 @@ def test_cloud_build_and_terraform_deploy_the_same_service(build: dict[str, Any]
     assert subs["_SERVICE"] == service_name
     assert subs["_REGION"] == variables["region"]["default"]
     assert subs["_SENDGRID_SECRET"] == variables["sendgrid_secret"]["default"]
-    assert subs["_SENDGRID_SECRET_VERSION"] == variables["sendgrid_secret_version"]["default"]
+    # Both pin a version the operator names: neither has one to fall back to.
+    assert "default" not in variables["sendgrid_secret_version"]
+    assert subs["_SENDGRID_SECRET_VERSION"] == ""
+    assert subs["_PUBLIC"] == str(variables["public_datetime"]["default"]).lower()
     accounts = {
         body["account_id"].replace("${var.service}", service_name)
         for body in of_type(tf, "google_service_account").values()
@@ -276,12 +444,43 @@ def test_cloud_build_and_terraform_deploy_the_same_service(build: dict[str, Any]
     template = single(service["template"])
     containers = single(template["containers"])
     terraform_env = {entry["name"] for entry in containers["env"]}
-    args = deploy_args(build)
+    args = deploy_args(build, tmp_path)
     cloud_build_env = set(env_vars(args)) | {flag(args, "--set-secrets").partition("=")[0]}
     assert cloud_build_env == terraform_env  # else each deploy would fight the other's drift
     assert int(flag(args, "--concurrency")) == template["max_instance_request_concurrency"]
     assert locals_(tf)["idempotency_store"].count(env_vars(args)["IDEMPOTENCY_STORE"]) == 1
-    limits = single(containers["resources"])["limits"]
-    assert flag(args, "--cpu") == limits["cpu"]
-    assert flag(args, "--memory") == limits["memory"]
+    resources_ = single(containers["resources"])
+    assert flag(args, "--cpu") == resources_["limits"]["cpu"]
+    assert flag(args, "--memory") == resources_["limits"]["memory"]
+    assert ("--cpu-throttling" in args) == resources_["cpu_idle"]
+    assert ("--cpu-boost" in args) == resources_["startup_cpu_boost"]
     assert flag(args, "--timeout") == template["timeout"]
+
+
+def test_both_files_pair_event_auth_with_access_the_same_way(
+    build: dict[str, Any], tmp_path: Path
+) -> None:
+    tf = load_terraform()
+    (service,) = of_type(tf, "google_cloud_run_v2_service").values()
+    containers = single(single(service["template"])["containers"])
+    terraform_auth = {entry["name"]: entry for entry in containers["env"]}["EVENT_AUTH"]["value"]
+    (public_grant,) = [body for body in resources(tf).values() if body.get("member") == "allUsers"]
+    match = re.fullmatch(r'\$\{var\.public_datetime \? "(\w+)" : "(\w+)"\}', terraform_auth)
+    assert match, terraform_auth
+    assert public_grant["count"] == "${var.public_datetime ? 1 : 0}"
+    for public, terraform_value in ((True, match[1]), (False, match[2])):
+        args = deploy_args(build, tmp_path, _PUBLIC=str(public).lower())
+        assert env_vars(args)["EVENT_AUTH"] == terraform_value
+        assert ("--allow-unauthenticated" in args) == public
+
+
+def test_both_files_derive_the_same_event_audience(build: dict[str, Any], tmp_path: Path) -> None:
+    tf = load_terraform()
+    variables = blocks(tf, "variable")
+    terraform_audience = (
+        locals_(tf)["event_audience"]
+        .replace("${var.service}", variables["service"]["default"])
+        .replace("${var.region}", variables["region"]["default"])
+        .replace("${data.google_project.this.number}", LOCAL_SUBMIT["PROJECT_NUMBER"])
+    )
+    assert env_vars(deploy_args(build, tmp_path))["EVENT_AUDIENCE"] == terraform_audience
