@@ -252,3 +252,125 @@ def test_healthz_is_public(outbox_server: ThreadedServer) -> None:
     response = httpx.get(f"{outbox_server.url}/healthz", timeout=10)
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
+
+
+# --- HEAD, as uptime monitors ask ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [("*/*", "text/plain; charset=utf-8"), ("application/json", "application/json")],
+)
+def test_head_answers_like_get_without_a_body(
+    outbox_server: ThreadedServer, accept: str, content_type: str
+) -> None:
+    with httpx.Client(base_url=outbox_server.url, headers={"Accept": accept}, timeout=10) as client:
+        head = client.head("/datetime", params={"requester": "John"})
+        # Same connection: a body sent after the HEAD answer would garble this one.
+        get = client.get("/datetime", params={"requester": "John"})
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == content_type
+    assert head.headers["content-length"] == str(len(get.content))
+    assert head.headers["x-content-type-options"] == "nosniff"
+    assert get.status_code == 200
+    assert "John" in get.text
+
+
+def test_head_refuses_a_bad_tz_like_get(outbox_server: ThreadedServer) -> None:
+    response = httpx.head(f"{outbox_server.url}/datetime", params={"tz": "Nowhere"}, timeout=10)
+    assert response.status_code == 400
+    assert response.headers["content-type"] == PROBLEM
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS"])
+def test_a_wrong_method_is_405_listing_every_method_datetime_takes(
+    outbox_server: ThreadedServer, method: str
+) -> None:
+    response = httpx.request(method, f"{outbox_server.url}/datetime", timeout=10)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, HEAD, POST"
+    assert response.headers["content-type"] == PROBLEM
+    assert response.json()["status"] == 405
+
+
+def test_head_is_left_out_of_the_openapi_document(outbox_server: ThreadedServer) -> None:
+    paths = httpx.get(f"{outbox_server.url}/openapi.json", timeout=10).json()["paths"]
+    assert sorted(paths["/datetime"]) == ["get", "post"]
+
+
+# --- Accept: negotiated (RFC 9110 §12.5.1), not matched as a substring ----------------------------
+
+TEXT_ANSWER = "text/plain; charset=utf-8"
+JSON_ANSWER = "application/json"
+NEGOTIATED = {
+    "APPLICATION/JSON": JSON_ANSWER,
+    "Application/Json ; Q=0.8": JSON_ANSWER,
+    "application/json; charset=utf-8": JSON_ANSWER,
+    "application/*": JSON_ANSWER,
+    "application/json;q=0, text/plain": TEXT_ANSWER,
+    "text/*;q=0.5, application/json;q=0.9": JSON_ANSWER,
+    "application/json;q=0.4, text/plain;q=0.5": TEXT_ANSWER,
+    "text/plain;q=0, */*": JSON_ANSWER,
+    "*/*;q=0.1, application/json": JSON_ANSWER,
+    "*/*": TEXT_ANSWER,
+    "text/*": TEXT_ANSWER,
+    "text/plain; charset=UTF-8": TEXT_ANSWER,
+    "text/plain;charset=iso-8859-1, application/json;q=0.5": JSON_ANSWER,  # no latin-1 text here
+    "application/json, text/plain, */*": TEXT_ANSWER,  # a tie: the default
+    "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8": TEXT_ANSWER,  # a browser
+    "": TEXT_ANSWER,
+    "not a media range": TEXT_ANSWER,  # unreadable: disregarded, as RFC 9110 allows
+    "application/json;q=2": TEXT_ANSWER,  # no valid q-value: nothing readable either
+}
+
+
+@pytest.mark.parametrize(("accept", "content_type"), NEGOTIATED.items(), ids=list(NEGOTIATED))
+def test_accept_is_negotiated(
+    outbox_server: ThreadedServer, accept: str, content_type: str
+) -> None:
+    for response in (
+        get(outbox_server, {"Accept": accept}, requester="Ada"),
+        post(outbox_server, json={"requester": "Ada"}, headers={"Accept": accept}),
+    ):
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == content_type
+        assert response.headers["vary"] == "Accept"
+        if content_type == JSON_ANSWER:
+            assert response.json()["requester"] == "Ada"
+        else:
+            assert response.text.startswith("Hello Ada! Today is ")
+
+
+def test_no_accept_header_is_plain_text(outbox_server: ThreadedServer) -> None:
+    with httpx.Client(timeout=10) as client:
+        client.headers.pop("accept")
+        response = client.get(f"{outbox_server.url}/datetime", params={"requester": "Ada"})
+    assert response.request.headers.get("accept") is None
+    assert response.headers["content-type"] == TEXT_ANSWER
+    assert response.text.startswith("Hello Ada!")
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "application/json;q=0",
+        "image/png",
+        "text/html",
+        "*/*;q=0",
+        "text/plain;format=flowed",
+        "text/*;q=0, application/*;q=0, */*",
+    ],
+)
+def test_an_accept_that_rules_out_both_types_is_406(
+    outbox_server: ThreadedServer, accept: str
+) -> None:
+    response = get(outbox_server, {"Accept": accept})
+    assert response.status_code == 406
+    assert response.headers["content-type"] == PROBLEM
+    assert response.headers["vary"] == "Accept"
+    problem = response.json()
+    assert problem["status"] == 406
+    assert problem["title"] == "Not Acceptable"
+    assert "text/plain" in problem["detail"]
+    assert "application/json" in problem["detail"]
