@@ -16,11 +16,11 @@
 terraform {
   required_version = ">= 1.5"
 
+  # 7.x: the service-level `scaling { max_instance_count }` below. .terraform.lock.hcl pins the
+  # exact release and its checksums (tests/deploy/test_terraform.py keeps the two agreeing).
   required_providers {
     google = {
       source  = "hashicorp/google"
-      # 7.x: the service-level `scaling { max_instance_count }` below. .terraform.lock.hcl pins
-      # the exact release and its checksums (tests/deploy/test_terraform.py keeps them agreeing).
       version = "~> 7.12"
     }
   }

@@ -2,7 +2,8 @@
 # Offline lint of the deployment artifacts (`make check-deploy`, part of `make test`):
 #   hadolint on the Dockerfile: every rule, style included, fails the run;
 #   checkov on the Dockerfile and eventarc.tf: any failed check fails the run. A skip must be an
-#   inline `#checkov:skip=CKV_X:reason` beside the resource, so the reason is reviewed with it.
+#   inline `#checkov:skip=CKV_X:reason` beside the resource, so the reason is reviewed with it;
+#   terraform fmt -check on eventarc.tf when terraform is installed.
 # The structure tests (tests/deploy/) run with pytest.
 #
 # checkov pins many dependencies of its own, so it lives in its own virtualenv (.venv-checkov/,
@@ -30,5 +31,14 @@ echo "check-deploy: checkov $CHECKOV_VERSION Dockerfile eventarc.tf"
 # --skip-download: no Prisma Cloud account, and no network beyond the package registries.
 "$checkov" --quiet --compact --skip-download --framework dockerfile terraform \
   --file Dockerfile --file eventarc.tf
+
+# Terraform's own formatter, when a terraform binary is installed (it needs no provider and no
+# network); `terraform validate` would need the provider from the registry, so it is not run here.
+if command -v terraform >/dev/null; then
+  echo "check-deploy: terraform fmt -check eventarc.tf"
+  terraform fmt -check -diff eventarc.tf
+else
+  echo "check-deploy: terraform not installed, terraform fmt skipped"
+fi
 
 echo "check-deploy: ok"
