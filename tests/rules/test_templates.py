@@ -181,6 +181,11 @@ def test_time_is_iso_8601_in_utc_with_z() -> None:
     assert rendered(storage_event, subject="{{ time }}").subject == "2024-10-01T09:30:00Z"
 
 
+def test_a_time_without_an_offset_is_read_as_utc() -> None:
+    storage_event = event(time=datetime(2024, 10, 1, 9, 30))
+    assert rendered(storage_event, subject="{{ time }}").subject == "2024-10-01T09:30:00Z"
+
+
 def test_values_the_event_lacks_print_as_nothing() -> None:
     storage_event = event(time=None, size=None, contentType=None, generation=None)
     result = rendered(
@@ -391,6 +396,12 @@ def test_a_syntax_error_names_its_line(source: str, expected: str) -> None:
     assert caught.value.field == "html"
     assert caught.value.message.startswith(expected)
     assert "\n" not in str(caught.value)
+
+
+def test_an_unknown_filter_without_a_close_name_is_named() -> None:
+    assert problem(subject="{{ name | zzzzzz }}") == (
+        'subject: line 1 of the template: unknown filter "zzzzzz"'
+    )
 
 
 def test_a_runtime_error_is_found_by_the_sample_render() -> None:
