@@ -154,6 +154,16 @@ class TokenVerifier(ABC):
             raise Unauthenticated("token issuer is not Google")
         audience = payload.get("aud")
         if not isinstance(audience, str) or not self._addressed_to_us(audience, request_url):
+            # The audience is a URL, not a secret: an operator comparing it with EVENT_AUDIENCE
+            # (and with `gcloud run services describe --format='value(status.urls)'`) sees at once
+            # which URL the trigger's tokens name.
+            log.warning(
+                "token audience does not match EVENT_AUDIENCE or the request's host",
+                extra={
+                    "token_audience": audience if isinstance(audience, str) else None,
+                    "expected": sorted(self._audiences) or "https:// + the request's host",
+                },
+            )
             raise Unauthenticated("token audience does not match this service")
         subject, expiry = payload.get("sub"), payload.get("exp")
         if not isinstance(subject, str) or not isinstance(expiry, int | float):
@@ -175,7 +185,8 @@ class TokenVerifier(ABC):
 
     def _addressed_to_us(self, audience: str, request_url: str) -> bool:
         if self._audiences:
-            return audience in self._audiences
+            # "https://host" and "https://host/" name the same service.
+            return audience.rstrip("/") in {known.rstrip("/") for known in self._audiences}
         # Without EVENT_AUDIENCE, Eventarc's token names the service URL and a Pub/Sub push
         # token names the full push endpoint (path and query included): any https URL of the
         # host the request came to. Cloud Run terminates TLS, so the app may see http: only the

@@ -420,3 +420,25 @@ async def _outcome(verification: Awaitable[Claims]) -> Claims | BaseException:
     except EventAuthError as error:
         return error
     return claims
+
+
+def test_a_configured_audience_matches_with_or_without_a_trailing_slash(key: SigningKey) -> None:
+    audiences = frozenset({"https://notifier-123.us-central1.run.app"})
+    for aud in (
+        "https://notifier-123.us-central1.run.app/",
+        "https://notifier-123.us-central1.run.app",
+    ):
+        assert verify_once(forwarded(key, aud=aud), audiences=audiences).aud == aud
+
+
+def test_an_audience_mismatch_logs_the_tokens_audience_so_it_can_be_configured(
+    key: SigningKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    audiences = frozenset({"https://notifier-123.us-central1.run.app"})
+    token = forwarded(key, aud="https://notifier-abcdefgh-uc.a.run.app")
+    with pytest.raises(Unauthenticated):
+        verify_once(token, audiences=audiences)
+    [record] = [r for r in caplog.records if r.getMessage().startswith("token audience")]
+    assert record.levelname == "WARNING"
+    assert getattr(record, "token_audience", None) == "https://notifier-abcdefgh-uc.a.run.app"
+    assert token not in caplog.text
