@@ -275,7 +275,7 @@ def _compile(field: str, source: str) -> Template:
                 default=None,
             )
             raise TemplateProblem(field, _at(first) + _unknown_variables(unknown), first)
-        return environment.from_string(source)
+        return environment.from_string(tree)  # the parsed tree: parsing is a third of the cost
     except TemplateSyntaxError as error:
         raise TemplateProblem(
             field, _at(error.lineno) + _syntax_message(error.message), error.lineno

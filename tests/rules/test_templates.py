@@ -440,6 +440,7 @@ def test_a_sample_with_the_routes_metadata_keys_lets_a_template_use_them() -> No
         "a\n{{ metadata.__class__.__subclasses__() }}",
         "a\n{{ cycler.__init__.__globals__ }}",
         "a\n{{ size.real.__class__ }}",
+        "a\n{{ '{0.__class__}'.format(name) }}",
     ],
 )
 def test_the_sandbox_refuses_internals(source: str) -> None:
