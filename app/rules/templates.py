@@ -239,7 +239,7 @@ def compile_route_templates(
         text=None if text is None else _compile("text", text),
         html=None if html is None else _compile("html", html),
     )
-    values = variables(sample or sample_event(), "sample-route")
+    values = variables(sample if sample is not None else sample_event(), "sample-route")
     shown = _shown(values)
     for field, template, given in (
         ("subject", templates.subject, values),
