@@ -19,8 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import datetime as datetime_api
 from app.api import errors, events, health
-
-# from app.api.openapi import document_event_route  # TODO(lead): when helper lands it
+from app.api.openapi import document_event_route
 from app.config import Settings, load_settings
 from app.logs import current_trace, trace_from_header
 from app.preflight import check
@@ -122,5 +121,5 @@ def create_app(
     app.router.routes.append(events.route)
     app.include_router(datetime_api.router)
     app.include_router(health.router)
-    # document_event_route(app)
+    document_event_route(app)
     return app

@@ -1,0 +1,39 @@
+"""The app comes from a factory: importing a module builds nothing, and each call to create_app
+gives a complete app (routes, documentation, checks)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.main import create_app
+from app.preflight import StartupError
+from tests.conftest import outbox_settings
+from tests.servers import ROOT
+
+
+def test_importing_the_app_module_builds_no_app() -> None:
+    probe = (
+        "import app.main, app.__main__, sys; "
+        "print(hasattr(app.main, 'app'), 'app.delivery.pipeline' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_the_document_describes_the_event_route(tmp_path: Path) -> None:
+    document = create_app(outbox_settings(tmp_path)).openapi()
+    assert "post" in document["paths"]["/"]
+    assert set(document["paths"]) >= {"/", "/datetime", "/healthz"}
+
+
+def test_create_app_refuses_a_dead_letter_folder_that_cannot_exist(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(StartupError, match="DEAD_LETTER_DIR"):
+        create_app(outbox_settings(tmp_path, dead_letter_dir=a_file / "dead-letter"))
