@@ -375,7 +375,9 @@ class Matcher:
     """The routes of a rules file, indexed; `select` is pure and safe to share across requests."""
 
     def __init__(self, routes: Sequence[RouteSpec]) -> None:
-        self._routes = tuple(_CompiledRoute(route) for route in routes)
+        self._specs = tuple(routes)
+        # Compiled on first use: a start-up with 1,000 routes need not build 1,000 predicates.
+        self._compiled: list[_CompiledRoute | None] = [None] * len(self._specs)
         prefixes: dict[EventType, dict[str, list[int]]] = {t: {} for t in EventType}
         suffixes: dict[EventType, dict[str, list[int]]] = {t: {} for t in EventType}
         buckets: dict[EventType, dict[str, list[int]]] = {t: {} for t in EventType}
@@ -398,6 +400,11 @@ class Matcher:
             t: _Index(_table(prefixes[t]), _table(suffixes[t]), buckets[t], tuple(always[t]))
             for t in EventType
         }
+
+    def _compile(self, position: int) -> _CompiledRoute:
+        # Two threads may both compile a route; either result is the same.
+        route = self._compiled[position] = _CompiledRoute(self._specs[position])
+        return route
 
     def candidates(self, event: StorageEvent) -> list[int]:
         """Positions of the routes that may match, in file order: a superset of those that do."""
@@ -428,9 +435,9 @@ class Matcher:
         """The routes that apply, in file order: the first matching route, and while the last
         one taken has `continue: true`, the next matching one."""
         selected: list[RouteSpec] = []
-        routes = self._routes
+        compiled = self._compiled
         for position in self.candidates(event):
-            route = routes[position]
+            route = compiled[position] or self._compile(position)
             if route.holds(event):
                 selected.append(route.spec)
                 if not route.spec.continue_:
@@ -441,7 +448,8 @@ class Matcher:
         """Every route in file order: whether it matched, why (not), and whether it was selected."""
         verdicts = []
         searching = True
-        for route in self._routes:
+        for position in range(len(self._specs)):
+            route = self._compiled[position] or self._compile(position)
             matched, reason = route.verdict(event)
             selected = matched and searching
             if selected and not route.spec.continue_:
