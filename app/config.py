@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     notifier: Literal["outbox", "sendgrid"] | None = None
     notify_to: CommaList = Field(default_factory=list)
     notify_from: str | None = None
+    # A YAML rules file saying who hears about which change (README, "Routing rules"); unset:
+    # every event to NOTIFY_TO.
+    notify_rules: Path | None = None
     outbox_dir: Path = Path("outbox")
 
     sendgrid_api_key: SecretStr | None = None
@@ -227,7 +230,10 @@ def _between_fields(settings: Any, failed: set[str]) -> list[str]:
                 ("NOTIFY_TO", "notify_to"),
                 ("NOTIFY_FROM", "notify_from"),
             )
-            if field not in failed and not getattr(settings, field)
+            if field not in failed
+            and not getattr(settings, field)
+            # With a rules file the routes name the recipients.
+            and not (field == "notify_to" and settings.notify_rules)
         ]
         if missing:
             problems.append(f"NOTIFIER=sendgrid requires {', '.join(missing)}")

@@ -22,7 +22,7 @@ from app.api import errors, events, health
 from app.api.openapi import document_event_route
 from app.config import Settings, load_settings
 from app.logs import current_trace, trace_from_header
-from app.preflight import check
+from app.preflight import check, load_rules
 from app.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -96,10 +96,13 @@ def create_app(
     """Raises preflight.StartupError when the settings point at something that cannot work."""
     settings = settings or load_settings()
     check(settings, own_notifier=notifier is None, own_store=store is None)
+    router = load_rules(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime(settings, notifier=notifier, store=store, on_loaded=on_loaded)
+        runtime = Runtime(
+            settings, notifier=notifier, store=store, router=router, on_loaded=on_loaded
+        )
         app.state.runtime = runtime
         runtime.started()
         try:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from app.delivery.pipeline import Pipeline
     from app.delivery.store import IdempotencyStore
     from app.notify.base import Notifier
+    from app.rules.base import Router
     from app.security.tokens import TokenVerifier
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def describe(settings: Settings, *, notifier: Notifier | None = None) -> dict[st
         "store": _store_description(settings.idempotency_store),
         "event_auth": settings.event_auth,
         "recipients": len(settings.recipients),
+        "rules": str(settings.notify_rules) if settings.notify_rules else None,
         "dead_letter_dir": str(settings.dead_letter_dir),
     }
     if notifier is None and settings.notifier == "sendgrid":
@@ -93,9 +95,11 @@ class Runtime:
         *,
         notifier: Notifier | None = None,
         store: IdempotencyStore | None = None,
+        router: Router | None = None,
         on_loaded: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._router = router
         self._notifier = notifier
         self._store = store
         self._on_loaded = on_loaded
@@ -107,7 +111,14 @@ class Runtime:
     def started(self) -> None:
         """Called in the lifespan's start-up, in the serving event loop."""
         self._loop = asyncio.get_running_loop()
-        log.info("service started", extra=describe(self.settings, notifier=self._notifier))
+        fields = describe(self.settings, notifier=self._notifier)
+        if self._router is not None:
+            from app.rules.routing import RulesRouter
+
+            if isinstance(self._router, RulesRouter):
+                fields["routes"] = len(self._router.rules.routes)
+                del fields["recipients"]  # NOTIFY_TO plays no part: the routes name recipients
+        log.info("service started", extra=fields)
 
     async def pipeline(self) -> Pipeline:
         # Built synchronously, so concurrent first events cannot build two.
@@ -144,8 +155,9 @@ class Runtime:
 
     def _build_pipeline(self) -> Pipeline:
         from app.delivery.deadletter import DeadLetterBox
-        from app.delivery.pipeline import Audience, Pipeline
+        from app.delivery.pipeline import Pipeline
         from app.delivery.store import open_store
+        from app.rules.default import DefaultRouter
 
         settings = self.settings
         store = self._store
@@ -160,7 +172,7 @@ class Runtime:
         pipeline = Pipeline(
             store=store,
             notifier=notifier,
-            audience=Audience(recipients=settings.recipients, sender=settings.sender),
+            router=self._router or DefaultRouter(settings.recipients, settings.sender),
             dead_letters=DeadLetterBox(settings.dead_letter_dir),
             lease_seconds=settings.claim_lease_seconds,
         )

@@ -19,7 +19,6 @@ from enum import StrEnum
 
 from app.config import DONE_RETENTION_SECONDS
 from app.delivery.deadletter import DeadLetterBox
-from app.delivery.routes import notifications_for
 from app.delivery.store import Claim, IdempotencyStore, InFlight, StoreUnavailable
 from app.events.decode import decode_event
 from app.events.models import StorageEvent, UnhandledEvent
@@ -31,6 +30,7 @@ from app.notify.base import (
     RejectedDeliveryError,
     TransientDeliveryError,
 )
+from app.rules.base import Router, Unrouted
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ class ShuttingDown(TransientDeliveryError):
 class Outcome(StrEnum):
     SENT = "sent"
     DUPLICATE = "duplicate"
-    IGNORED = "ignored"
+    IGNORED = "ignored"  # no route matched (or not a type this service handles)
+    DROPPED = "dropped"  # a `drop: true` route matched: acknowledged, nobody told
     DEAD_LETTERED = "dead-lettered"
 
 
@@ -53,25 +54,19 @@ class Result:
     sent: int = 0  # notifications accepted by this delivery
 
 
-@dataclass(frozen=True, slots=True)
-class Audience:
-    recipients: tuple[str, ...]
-    sender: str
-
-
 class Pipeline:
     def __init__(
         self,
         *,
         store: IdempotencyStore,
         notifier: Notifier,
-        audience: Audience,
+        router: Router,
         dead_letters: DeadLetterBox,
         lease_seconds: float,
     ) -> None:
         self.store = store
         self.notifier = notifier
-        self.audience = audience
+        self.router = router
         self.dead_letters = dead_letters
         self.lease_seconds = lease_seconds
         # Sends in flight, each under a deadline that drain() can bring forward.
@@ -101,14 +96,17 @@ class Pipeline:
                 timeout.reschedule(deadline)
 
     async def handle(self, event: StorageEvent) -> Result:
+        routed = self.router.route(event)
         notifications = [
             batch
-            for notification in notifications_for(
-                event, self.audience.recipients, self.audience.sender
-            )
+            for notification in routed.notifications
             for batch in notification.split(self.notifier.max_recipients)
         ]
         if not notifications:
+            if routed.unrouted is Unrouted.DROPPED:
+                log.info("event dropped", extra={**event.log_fields(), "route": routed.route})
+                return Result(Outcome.DROPPED, event.id)
+            log.info("no route matched, ignored", extra=event.log_fields())
             return Result(Outcome.IGNORED, event.id)
         owner = uuid.uuid4().hex
         claimed = await self._claim_all(notifications, owner)

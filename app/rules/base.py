@@ -1,0 +1,31 @@
+"""What a router is: StorageEvent in, the notifications it yields out (or why none).
+
+Light on purpose: the pipeline imports this, and the default path never loads YAML or Jinja2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from app.events.models import StorageEvent
+from app.notify.base import Notification
+
+
+class Unrouted(StrEnum):
+    NO_ROUTE = "no route matched"
+    DROPPED = "dropped by a route"
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """What an event yields: notifications, or why none (`unrouted`, and the dropping route)."""
+
+    notifications: list[Notification]
+    unrouted: Unrouted | None = None
+    route: str | None = None
+
+
+class Router(Protocol):
+    def route(self, event: StorageEvent) -> Routed: ...
