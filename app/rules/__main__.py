@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from app.events.models import EventType, StorageEvent, StorageObjectData
+from app.notify.render import visible
 from app.rules.match import describe
 from app.rules.model import RouteSpec, RulesError, load_rules, parse_size
 from app.rules.routing import RulesRouter, compile_rules
@@ -53,7 +54,8 @@ def check(path: Path) -> int:
 
 def explain(path: Path, event: StorageEvent) -> int:
     router = load(path)
-    print(f"{event.type.short} gs://{event.data.bucket}/{event.data.name}")
+    # Shown as the reasons below show names: a line break cannot pass for another line.
+    print(f"{event.type.short} {visible(f'gs://{event.data.bucket}/{event.data.name}')}")
     for verdict in router.matcher.explain(event):
         if verdict.selected:
             state = "matched, taken"
@@ -77,12 +79,7 @@ def explain(path: Path, event: StorageEvent) -> int:
 
 
 def event_from(args: argparse.Namespace) -> StorageEvent:
-    metadata: dict[str, str] = {}
-    for item in args.metadata or ():
-        key, separator, value = item.partition("=")
-        if not separator or not key:
-            raise SystemExit(f"--metadata takes KEY=VALUE, not {item!r}")
-        metadata[key] = value
+    metadata = dict(args.metadata or ())
     now = datetime.now(UTC)
     event_type = EventType.from_short(args.event)
     data = StorageObjectData(
@@ -123,6 +120,13 @@ def _text(value: str) -> str:
     return value
 
 
+def _metadata(value: str) -> tuple[str, str]:
+    key, separator, item = _text(value).partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE, not {value!r}")
+    return key, item
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m app.rules", description=__doc__.split("\n")[0])
     commands = top.add_subparsers(dest="command", required=True)
@@ -138,7 +142,11 @@ def parser() -> argparse.ArgumentParser:
     explain_command.add_argument("--size", type=_size, help="bytes, or with a unit: 2MiB")
     explain_command.add_argument("--content-type", type=_text)
     explain_command.add_argument(
-        "--metadata", action="append", metavar="KEY=VALUE", help="custom metadata (repeatable)"
+        "--metadata",
+        action="append",
+        type=_metadata,
+        metavar="KEY=VALUE",
+        help="custom metadata (repeatable)",
     )
     return top
 
