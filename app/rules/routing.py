@@ -58,8 +58,7 @@ class RulesRouter:
                 if not notifications:
                     return Routed([], Unrouted.DROPPED, spec.name)
                 break  # a drop route ends the search; earlier routes still send
-            recipients = tuple(address for address in spec.to if address.lower() not in served)
-            served.update(address.lower() for address in recipients)
+            recipients = _unserved(spec.to, served)
             if not recipients:
                 continue  # everyone here has been served by an earlier route
             compiled = self.routes[spec.name]
@@ -79,6 +78,18 @@ class RulesRouter:
                 )
             )
         return Routed(notifications, None if notifications else Unrouted.NO_ROUTE)
+
+
+def _unserved(addresses: tuple[str, ...], served: set[str]) -> tuple[str, ...]:
+    """The addresses not yet served, each once, adding them to `served`. Addresses compare
+    without case, as SendGrid does: it refuses a message naming one address twice."""
+    unserved = []
+    for address in addresses:
+        folded = address.lower()
+        if folded not in served:
+            served.add(folded)
+            unserved.append(address)
+    return tuple(unserved)
 
 
 def compile_rules(rules: Rules) -> dict[str, CompiledRoute]:

@@ -81,6 +81,27 @@ def only_email_to(tmp_path: Path, recipient: str) -> EmailMessage:
     return message
 
 
+@pytest.fixture
+def fake() -> Iterator[FakeSendGrid]:
+    with FakeSendGrid() as server:
+        yield server
+
+
+def sendgrid_settings(fake: FakeSendGrid, tmp_path: Path, rules: Path) -> Settings:
+    return Settings.model_validate(
+        {
+            "notifier": "sendgrid",
+            "sendgrid_api_key": fake.api_key,
+            "sendgrid_host": fake.url,
+            "sendgrid_timeout": 2.0,
+            "notify_from": "notifier@example.com",
+            "notify_rules": rules,
+            "idempotency_store": "memory",
+            "dead_letter_dir": tmp_path / "dead-letter",
+        }
+    )
+
+
 # --- which routes an event takes -----------------------------------------------------------
 
 
@@ -159,6 +180,25 @@ def test_a_route_whose_recipients_were_all_served_sends_nothing_and_later_routes
     assert upload(server, "a.txt").json()["status"] == "sent"
     assert per_recipient(tmp_path) == {"alice@example.com": 1, "bob@example.com": 1}
     assert "Sent by route first " in text_of(only_email_to(tmp_path, "alice@example.com"))
+
+
+def test_an_address_written_twice_in_one_route_in_another_case_gets_one_email(
+    fake: FakeSendGrid, tmp_path: Path
+) -> None:
+    rules = rules_file(
+        tmp_path,
+        """
+        version: 1
+        routes:
+          - name: ops
+            to: [ops@example.com, dev@example.com, OPS@Example.com]
+        """,
+    )
+    with ThreadedServer(sendgrid_settings(fake, tmp_path, rules)) as server:
+        answer = upload(server, "a.txt")
+    # SendGrid refuses a message naming one address twice (any case): that would dead-letter.
+    assert answer.json()["status"] == "sent"
+    assert fake.delivered_recipients() == ["ops@example.com", "dev@example.com"]
 
 
 def test_a_drop_route_acknowledges_the_event_and_tells_nobody(serve: Serve, tmp_path: Path) -> None:
@@ -385,27 +425,6 @@ def test_a_redelivered_change_is_a_duplicate_for_every_route(serve: Serve, tmp_p
     assert second.status_code == 200
     assert second.json()["status"] == "duplicate"
     assert per_recipient(tmp_path) == {"finance@example.com": 1, "ops@example.com": 1}
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeSendGrid]:
-    with FakeSendGrid() as server:
-        yield server
-
-
-def sendgrid_settings(fake: FakeSendGrid, tmp_path: Path, rules: Path) -> Settings:
-    return Settings.model_validate(
-        {
-            "notifier": "sendgrid",
-            "sendgrid_api_key": fake.api_key,
-            "sendgrid_host": fake.url,
-            "sendgrid_timeout": 2.0,
-            "notify_from": "notifier@example.com",
-            "notify_rules": rules,
-            "idempotency_store": "memory",
-            "dead_letter_dir": tmp_path / "dead-letter",
-        }
-    )
 
 
 def test_a_redelivery_sends_only_the_routes_not_yet_sent(
