@@ -11,6 +11,8 @@ from bench import wrk
 from bench.measure import EventSeries, LoadRun, Plan
 
 SERVICE, BASELINE, MINIMAL, QUIET = "service", "ff", "minimal", "service-warning"
+RULES_ROUTES = 1000  # issue 10: the large rules file
+ONE_ROUTE, MANY_ROUTES = "service-1-route", f"service-{RULES_ROUTES}-routes"
 TIMES = "\N{MULTIPLICATION SIGN}"
 CEILING = wrk.CONNECTIONS / 0.1  # 80 requests in flight, each waiting 100 ms on SendGrid
 
@@ -23,6 +25,7 @@ class Figures:
     events: dict[str, EventSeries] = dataclasses.field(default_factory=dict)
     datetime: dict[str, LoadRun] = dataclasses.field(default_factory=dict)
     idle_pss_mib: dict[str, float] = dataclasses.field(default_factory=dict)  # minimal app
+    rules_load_ms: float = float("nan")  # parse + validate + index the large file, in process
     wall_seconds: float = 0.0
 
     def cold(self, system: str) -> float:
@@ -237,8 +240,70 @@ def targets(f: Figures) -> list[Target]:
     return found
 
 
+def rules_table(f: Figures) -> str:
+    """Issue 10: what a rules file costs at start-up and per event."""
+    one, many = f.events.get(ONE_ROUTE), f.events.get(MANY_ROUTES)
+    lines = [
+        f"| | no rules file | 1 route | {RULES_ROUTES:,} routes | "
+        f"{RULES_ROUTES:,} ÷ 1 or ÷ no rules |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    cold_none = _safe(lambda: f.cold(SERVICE))
+    cold_many = _safe(lambda: f.cold(MANY_ROUTES))
+    lines.append(
+        f"| cold start, exec → first 200 on /datetime (s, median of {f.plan.cold_starts}) | "
+        f"{_fmt(cold_none, '.3f')} | — | {_fmt(cold_many, '.3f')} | "
+        f"{_ratio(cold_many, cold_none)} |"
+    )
+    for label, pick, pattern in (
+        ("events/s, SendGrid 0 ms", "per_second", ",.0f"),
+        ("p99 latency at 0 ms (ms)", "p99_ms", ".1f"),
+    ):
+        a, b = _at_zero(one, pick), _at_zero(many, pick)
+        lines.append(f"| {label} | — | {_fmt(a, pattern)} | {_fmt(b, pattern)} | {_ratio(b, a)} |")
+    lines.append(
+        f"| parse, validate and index the {RULES_ROUTES:,}-route file, in process (ms) | — | — | "
+        f"{_fmt(f.rules_load_ms, '.1f')} | — |"
+    )
+    return "\n".join(lines)
+
+
+def _at_zero(series: EventSeries | None, pick: str) -> float:
+    if series is None or 0 not in series.runs:
+        return float("nan")
+    value: float = getattr(series.runs[0].result, pick)
+    return value
+
+
+def rules_targets(f: Figures) -> list[Target]:
+    found: list[Target] = []
+    one, many = f.events.get(ONE_ROUTE), f.events.get(MANY_ROUTES)
+    if one and many and 0 in one.runs and 0 in many.runs:
+        a, b = one.runs[0], many.runs[0]
+        ratio = b.result.per_second / a.result.per_second
+        found.append(
+            Target(
+                f"events/s at 0 ms with {RULES_ROUTES:,} routes within 10 % of 1 route",
+                f"{ratio:.2f}{TIMES} ({b.result.per_second:,.0f} vs {a.result.per_second:,.0f})",
+                ratio >= 0.90,
+                not a.problems and not b.problems,
+            )
+        )
+    if MANY_ROUTES in f.cold_starts and MINIMAL in f.cold_starts:
+        ratio = f.cold(MANY_ROUTES) / f.cold(MINIMAL)
+        found.append(
+            Target(
+                f"cold start with a {RULES_ROUTES:,}-route file within 10 % of the minimal "
+                "FastAPI app",
+                f"{ratio:.2f}{TIMES} ({f.cold(MANY_ROUTES):.3f} s vs {f.cold(MINIMAL):.3f} s)",
+                ratio <= 1.10,
+            )
+        )
+    return found
+
+
 def targets_table(found: list[Target]) -> str:
-    lines = ["| target (issue 6) | measured | result |", "|---|---|---|"]
+    lines = ["| target (issues 6 and 10) | measured | result |", "|---|---|---|"]
     lines += [f"| {t.text} | {t.measured} | {t.verdict} |" for t in found]
     return "\n".join(lines)
 
@@ -316,7 +381,11 @@ def render(f: Figures) -> str:
         "",
         "### Targets",
         "",
-        targets_table(targets(f)),
+        targets_table(targets(f) + rules_targets(f)),
+        "",
+        "### Routing rules (issue 10)",
+        "",
+        rules_table(f),
         "",
     ]
     levels = log_level_table(f)

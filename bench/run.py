@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
-from bench import report, systems
+from bench import report, rules_file, systems
 from bench.fake import FakeSendGrid
 from bench.measure import (
     Plan,
@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     LOGS.mkdir(parents=True)
 
     figures = report.Figures(plan=plan, machine=_machine(wrk_path))
+    figures.rules_load_ms = rules_file.load_ms(report.RULES_ROUTES)
     print(f"bench: {report.machine_line(figures).rsplit(' · ', 1)[0]}", flush=True)
     try:
         measure_cold_starts(figures)
@@ -98,6 +99,9 @@ def measure_cold_starts(figures: report.Figures) -> None:
         report.MINIMAL: systems.minimal,
         report.BASELINE: systems.ff_datetime,
         report.SERVICE: lambda port: systems.service(port, fake_target),
+        report.MANY_ROUTES: lambda port: systems.service(
+            port, fake_target, rules=_rules(report.RULES_ROUTES), name=report.MANY_ROUTES
+        ),
     }
     logs = LOGS / "cold-start"
     logs.mkdir()
@@ -163,6 +167,25 @@ def measure_loads(figures: report.Figures, wrk_path: str) -> None:
             for latency in plan.latencies_ms:
                 events_at(quiet_series, quiet, fake, wrk_path, plan, latency)
 
+        # Issue 10: the same events through a 1-route and a 1,000-route rules file, taking turns.
+        # The events match the last route of each file, so an unindexed matcher would pay for
+        # every route.
+        one_port, many_port = free_port(), free_port()
+        one = systems.service(one_port, target, rules=_rules(1), name=report.ONE_ROUTE)
+        many = systems.service(
+            many_port, target, rules=_rules(report.RULES_ROUTES), name=report.MANY_ROUTES
+        )
+        with _serving(one, one_port) as one_server, _serving(many, many_port) as many_server:
+            time.sleep(1.0)
+            routed = {
+                report.ONE_ROUTE: (one_server, idle(one_server)),
+                report.MANY_ROUTES: (many_server, idle(many_server)),
+            }
+            for server, series in routed.values():
+                events_at(series, server, fake, wrk_path, plan, 0)
+            for name, (_, series) in routed.items():
+                figures.events[name] = series
+
     port = free_port()
     with _serving(systems.ff_datetime(port), port) as ff_datetime:
         load(ff_datetime, wrk_path, "warm-up", plan.warmup)
@@ -185,6 +208,15 @@ def _serving(command: systems.Command, port: int) -> Iterator[Server]:
     ):
         wait_serving(server, command.ready_path, any_status=command.ready_any_status)
         yield server
+
+
+def _rules(routes: int) -> Path:
+    """A rules file of `routes` routes (bench/rules_file.py) whose last route the events match,
+    emailing the same recipients as the runs without rules."""
+    path = RESULTS / f"rules-{routes}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(rules_file.example_rules(routes, to=systems.RECIPIENTS.split(",")))
+    return path
 
 
 def _fake_api_key() -> str:

@@ -50,7 +50,14 @@ class SendGridTarget:
     api_key: str
 
 
-def service(port: int, sendgrid: SendGridTarget, log_level: str | None = None) -> Command:
+def service(
+    port: int,
+    sendgrid: SendGridTarget,
+    log_level: str | None = None,
+    *,
+    rules: Path | None = None,
+    name: str | None = None,
+) -> Command:
     settings = {
         "PYTHONPATH": str(ROOT),
         "HOST": "127.0.0.1",
@@ -63,7 +70,10 @@ def service(port: int, sendgrid: SendGridTarget, log_level: str | None = None) -
     }
     if log_level is not None:
         settings["LOG_LEVEL"] = log_level
-    name = "service" if log_level is None else f"service-{log_level.lower()}"
+    if rules is not None:
+        settings["NOTIFY_RULES"] = str(rules)  # the routes name the recipients
+    if name is None:
+        name = "service" if log_level is None else f"service-{log_level.lower()}"
     return Command(name, [DEV_PYTHON, "-m", "app"], clean_environment(**settings), "/healthz")
 
 
