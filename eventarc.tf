@@ -106,6 +106,28 @@ variable "sendgrid_secret_version" {
   }
 }
 
+variable "rules_secret" {
+  description = "ID of the Secret Manager secret holding the routing rules file (README, \"Routing rules on Cloud Run\"), mounted as /etc/gcs-notifier/rules.yaml and named by NOTIFY_RULES. Empty: no rules file, every event goes to notify_to. Use the same as _RULES_SECRET in Cloud Build."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.rules_secret == "" || can(regex("^[A-Za-z0-9_-]{1,255}$", var.rules_secret))
+    error_message = "rules_secret must be a secret ID (letters, digits, hyphens and underscores), or empty for no rules file."
+  }
+}
+
+variable "rules_secret_version" {
+  description = "Version number of rules_secret to mount, required with it (`gcloud secrets versions list`). Pinned, never latest: the service reads the file once at start-up, so with latest, instances started after an upload would route by the new file while warm ones kept the old; with a number, a new file is a new version plus a deploy, and a bad file stops only the new revision while the old one keeps serving. Use the same number as _RULES_SECRET_VERSION in Cloud Build."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.rules_secret_version == "" || can(regex("^[1-9][0-9]*$", var.rules_secret_version))
+    error_message = "rules_secret_version must be a version number such as 2, not latest: with latest, instances started after an upload would route by the new file while warm ones kept the old."
+  }
+}
+
 variable "public_datetime" {
   description = "Let anyone call the service (GET /datetime, like the book's public HTTP function). Events stay protected: the service checks the trigger's OIDC token itself (EVENT_AUTH=oidc). false: only IAM invokers reach it, Cloud Run checks the token and removes its signature, and the service runs with EVENT_AUTH=iam. Keep it equal to _PUBLIC in Cloud Build."
   type        = bool
@@ -186,6 +208,13 @@ locals {
   idempotency_store  = var.redis_url == "" ? "sqlite:////tmp/gcs-notifier/state/notifier.db" : var.redis_url
   max_instance_count = var.redis_url == "" ? 1 : var.max_instances
 
+  # The rules file: one secret version mounted as one file in a folder of its own (Cloud Run
+  # mounts one secret per folder and hides what the image had there). cloudbuild.yaml mounts the
+  # same path. Empty list: no volume, no mount, no NOTIFY_RULES, no grant.
+  rules_folder = "/etc/gcs-notifier"
+  rules_file   = "rules.yaml"
+  rules        = var.rules_secret == "" ? [] : [var.rules_secret]
+
   # The service's deterministic URL (Cloud Run docs, "Deterministic URL"): the audience of the
   # trigger's token. The service cannot read its own `uri` in its environment (a cycle), and the
   # Host header is the caller's to choose, so the URL is built from what it is made of.
@@ -258,6 +287,15 @@ resource "google_service_account" "trigger" {
 resource "google_secret_manager_secret_iam_member" "runtime_reads_sendgrid_key" {
   project   = var.project
   secret_id = var.sendgrid_secret
+  role      = "roles/secretmanager.secretAccessor"
+  member    = "serviceAccount:${google_service_account.runtime.email}"
+}
+
+resource "google_secret_manager_secret_iam_member" "runtime_reads_rules" {
+  count = var.rules_secret == "" ? 0 : 1
+
+  project   = var.project
+  secret_id = var.rules_secret
   role      = "roles/secretmanager.secretAccessor"
   member    = "serviceAccount:${google_service_account.runtime.email}"
 }
@@ -366,6 +404,20 @@ resource "google_cloud_run_v2_service" "notifier" {
       }
     }
 
+    dynamic "volumes" {
+      for_each = local.rules
+      content {
+        name = "rules"
+        secret {
+          secret = var.rules_secret
+          items {
+            version = var.rules_secret_version
+            path    = local.rules_file
+          }
+        }
+      }
+    }
+
     containers {
       image = var.image
 
@@ -427,6 +479,21 @@ resource "google_cloud_run_v2_service" "notifier" {
         name  = "GOOGLE_CLOUD_PROJECT"
         value = var.project
       }
+      dynamic "env" {
+        for_each = local.rules
+        content {
+          name  = "NOTIFY_RULES"
+          value = "${local.rules_folder}/${local.rules_file}"
+        }
+      }
+
+      dynamic "volume_mounts" {
+        for_each = local.rules
+        content {
+          name       = "rules"
+          mount_path = local.rules_folder
+        }
+      }
 
       startup_probe {
         http_get {
@@ -441,6 +508,7 @@ resource "google_cloud_run_v2_service" "notifier" {
     # client fields and writes template annotations and labels of its own (e.g.
     # client.knative.dev/user-image); without this, the next `terraform apply` would roll the
     # image back and start a new revision each time. This configuration sets none of them.
+    # Volumes, mounts and env stay managed: a new rules_secret_version must reach the service.
     ignore_changes = [
       template[0].containers[0].image,
       template[0].annotations,
@@ -448,11 +516,17 @@ resource "google_cloud_run_v2_service" "notifier" {
       client,
       client_version,
     ]
+
+    precondition {
+      condition     = (var.rules_secret == "") == (var.rules_secret_version == "")
+      error_message = "rules_secret and rules_secret_version go together: a secret ID and a version number, or neither (no rules file)."
+    }
   }
 
   depends_on = [
     google_project_service.apis,
     google_secret_manager_secret_iam_member.runtime_reads_sendgrid_key,
+    google_secret_manager_secret_iam_member.runtime_reads_rules,
   ]
 }
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,6 +259,44 @@ def single(value: Any) -> Any:
     assert isinstance(value, list), value
     assert len(value) == 1, value
     return value[0]
+
+
+def dynamic(body: Mapping[str, Any], name: str) -> list[tuple[str, dict[str, Any]]]:
+    """The `dynamic "NAME" { for_each = ..., content { ... } }` blocks of `body`, each as
+    (for_each, content)."""
+    found = []
+    for entry in body.get("dynamic", []):
+        if name in entry:
+            block = entry[name]
+            found.append((block["for_each"], single(block["content"])))
+    return found
+
+
+def with_locals(document: Mapping[str, Any], text: str) -> str:
+    """`text` with each `${local.NAME}` replaced by that local, which must be a plain string."""
+    values = locals_(document)
+
+    def replace(match: re.Match[str]) -> str:
+        value = values[match[1]]
+        assert isinstance(value, str), (match[1], value)
+        assert "${" not in value, (match[1], value)
+        return value
+
+    return re.sub(r"\$\{local\.(\w+)\}", replace, text)
+
+
+def version_rule(document: Mapping[str, Any], variable: str) -> Callable[[str], bool]:
+    """Whether a value passes the variable's validation, read from a condition of the form
+    `can(regex("PATTERN", var.NAME))`, optionally after `var.NAME == "" ||` (empty: not used)."""
+    condition = single(blocks(document, "variable")[variable]["validation"])["condition"]
+    reference = re.escape(f"var.{variable}")
+    optional = rf'(?P<optional>{reference} == "" \|\| )?'
+    check = rf'can\(regex\("(?P<pattern>.+)", {reference}\)\)'
+    match = re.fullmatch(rf"\$\{{{optional}{check}\}}", condition)
+    assert match, condition
+    pattern = re.compile(match["pattern"])
+    empty_allowed = match["optional"] is not None
+    return lambda value: (empty_allowed and value == "") or pattern.search(value) is not None
 
 
 # --------------------------------------------------------------------------------------------

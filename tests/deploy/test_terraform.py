@@ -14,6 +14,7 @@ import pytest
 
 from tests.deploy.artifacts import (
     blocks,
+    dynamic,
     load_terraform,
     load_terraform_lock,
     locals_,
@@ -21,6 +22,8 @@ from tests.deploy.artifacts import (
     resources,
     single,
     strings,
+    version_rule,
+    with_locals,
 )
 
 STORAGE_EVENT_TYPES = {
@@ -133,6 +136,14 @@ DOCUMENTED: dict[str, Schema] = {
             "session_affinity": None,
             "health_check_disabled": None,
             "scaling": {"min_instance_count": None, "max_instance_count": None},
+            "volumes": {
+                "name": None,
+                "secret": {
+                    "secret": None,
+                    "default_mode": None,
+                    "items": {"path": None, "version": None, "mode": None},
+                },
+            },
             "vpc_access": {
                 "connector": None,
                 "egress": None,
@@ -444,8 +455,10 @@ def test_sendgrid_key_comes_from_secret_manager(tf: dict[str, Any]) -> None:
     readers = grants(
         tf, "google_secret_manager_secret_iam_member", "roles/secretmanager.secretAccessor"
     )
-    address, grant = only(readers)
-    assert grant["secret_id"] == "${var.sendgrid_secret}"
+    address, grant = only(
+        {a: g for a, g in readers.items() if g["secret_id"] == "${var.sendgrid_secret}"}
+    )
+    assert "count" not in grant
     assert grant["member"] == "serviceAccount:" + account_email(tf, "run")
     _, body = service(tf)
     assert "${" + address + "}" in body["depends_on"], "the revision starts only once it can read"
@@ -565,23 +578,137 @@ def test_no_trigger_exists_before_the_real_image_is_deployed(tf: dict[str, Any])
         assert variables["create_triggers"]["default"] is False
 
 
-def sendgrid_version_pattern(tf: dict[str, Any]) -> re.Pattern[str]:
-    variable = blocks(tf, "variable")["sendgrid_secret_version"]
-    condition = single(variable["validation"])["condition"]
-    match = re.fullmatch(r'\$\{can\(regex\("(.+)", var\.sendgrid_secret_version\)\)\}', condition)
-    assert match, condition
-    return re.compile(match[1])
+PINNED_VERSIONS = ("1", "3", "27")
+NOT_PINNED_VERSIONS = ("latest", "0", "01", "3 ", "1.0", "projects/p/secrets/s/versions/3")
 
 
 def test_sendgrid_key_version_is_a_pinned_number(tf: dict[str, Any]) -> None:
     # `latest` resolves per instance start: after a rotation, warm instances keep the old key.
     variable = blocks(tf, "variable")["sendgrid_secret_version"]
     assert "default" not in variable, "a pinned version is the operator's choice, not ours"
-    pattern = sendgrid_version_pattern(tf)
-    for accepted in ("1", "3", "27"):
-        assert pattern.search(accepted), accepted
-    for refused in ("latest", "", "0", "01", "3 ", "1.0", "projects/p/secrets/s/versions/3"):
-        assert not pattern.search(refused), refused
+    passes = version_rule(tf, "sendgrid_secret_version")
+    for accepted in PINNED_VERSIONS:
+        assert passes(accepted), accepted
+    for refused in ("", *NOT_PINNED_VERSIONS):
+        assert not passes(refused), refused
+
+
+# --------------------------------------------------------------------------------------------
+# The routing rules file (NOTIFY_RULES) from Secret Manager, mounted as a file
+# --------------------------------------------------------------------------------------------
+
+RULES_WHEN_SET = '${var.rules_secret == "" ? [] : [var.rules_secret]}'
+
+
+def rules_volume(tf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    _, body = service(tf)
+    found = dynamic(single(body["template"]), "volumes")
+    assert len(found) == 1, found
+    return found[0]
+
+
+def rules_mount(tf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    found = dynamic(container(tf), "volume_mounts")
+    assert len(found) == 1, found
+    return found[0]
+
+
+def notify_rules(tf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    found = [entry for entry in dynamic(container(tf), "env") if entry[1]["name"] == "NOTIFY_RULES"]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_rules_volume_mount_and_notify_rules_exist_only_with_a_rules_secret(
+    tf: dict[str, Any],
+) -> None:
+    # The three come and go together: a mount without NOTIFY_RULES would be ignored, NOTIFY_RULES
+    # without the mount would stop every instance at start-up (no such file).
+    conditions = {rules_volume(tf)[0], rules_mount(tf)[0], notify_rules(tf)[0]}
+    assert conditions == {"${local.rules}"}
+    assert locals_(tf)["rules"] == RULES_WHEN_SET
+    assert "NOTIFY_RULES" not in env(tf), "never set unconditionally"
+    assert "volume_mounts" not in container(tf), "never mounted unconditionally"
+    variables = blocks(tf, "variable")
+    assert variables["rules_secret"]["default"] == ""  # no rules file: today's behaviour
+    assert variables["rules_secret_version"]["default"] == ""
+
+
+def test_notify_rules_names_the_file_the_pinned_secret_version_is_mounted_as(
+    tf: dict[str, Any],
+) -> None:
+    _, volume = rules_volume(tf)
+    _, mount = rules_mount(tf)
+    _, variable = notify_rules(tf)
+    secret = single(volume["secret"])
+    assert secret["secret"] == "${var.rules_secret}"
+    item = single(secret["items"])
+    assert item["version"] == "${var.rules_secret_version}"
+    assert mount["name"] == volume["name"]
+    mounted_file = with_locals(tf, mount["mount_path"]) + "/" + with_locals(tf, item["path"])
+    assert with_locals(tf, variable["value"]) == mounted_file == "/etc/gcs-notifier/rules.yaml"
+
+
+def test_rules_version_is_a_pinned_number_given_with_the_secret(tf: dict[str, Any]) -> None:
+    # The service reads the file once at start-up: with `latest`, instances started after an
+    # upload would route by the new file while warm ones kept the old, and a bad upload would stop
+    # every new instance of the serving revision. Pinned, a bad file stops only a new revision.
+    passes = version_rule(tf, "rules_secret_version")
+    assert passes(""), "empty: no rules file"
+    for accepted in PINNED_VERSIONS:
+        assert passes(accepted), accepted
+    for refused in NOT_PINNED_VERSIONS:
+        assert not passes(refused), refused
+    _, body = service(tf)
+    (pairing,) = single(body["lifecycle"])["precondition"]
+    assert pairing["condition"] == '${(var.rules_secret == "") == (var.rules_secret_version == "")}'
+    assert "rules_secret_version" in pairing["error_message"]
+
+
+def test_rules_secret_is_a_secret_id(tf: dict[str, Any]) -> None:
+    passes = version_rule(tf, "rules_secret")
+    for accepted in ("", "notify-rules", "rules_2"):
+        assert passes(accepted), accepted
+    for refused in ("notify-rules:2", "projects/p/secrets/notify-rules", "a,b", "a b"):
+        assert not passes(refused), refused
+
+
+def test_runtime_account_reads_the_rules_secret_only_when_there_is_one(
+    tf: dict[str, Any],
+) -> None:
+    readers = grants(
+        tf, "google_secret_manager_secret_iam_member", "roles/secretmanager.secretAccessor"
+    )
+    address, grant = only(
+        {a: g for a, g in readers.items() if g["secret_id"] == "${var.rules_secret}"}
+    )
+    assert grant["count"] == '${var.rules_secret == "" ? 0 : 1}'
+    assert grant["member"] == "serviceAccount:" + account_email(tf, "run")
+    _, body = service(tf)
+    assert "${" + address + "}" in body["depends_on"], "the revision starts only once it can read"
+
+
+def hides(ignored: str, path: str) -> bool:
+    """Whether `ignore_changes = [ignored]` also hides changes to the attribute at `path`."""
+    return path == ignored or path.startswith((ignored + ".", ignored + "["))
+
+
+def test_a_new_rules_version_is_not_hidden_by_ignore_changes(tf: dict[str, Any]) -> None:
+    _, body = service(tf)
+    ignored = [
+        entry.removeprefix("${").removesuffix("}")
+        for entry in single(body["lifecycle"])["ignore_changes"]
+    ]
+    assert hides("template[0].annotations", "template[0].annotations")
+    assert hides("template[0]", "template[0].volumes")
+    assert not hides("template[0].containers[0].image", "template[0].containers[0].env")
+    managed = (
+        "template[0].volumes",
+        "template[0].containers[0].volume_mounts",
+        "template[0].containers[0].env",
+    )
+    for path in managed:
+        assert not any(hides(entry, path) for entry in ignored), path
 
 
 def test_cloud_build_gets_only_this_service_and_the_runtime_account(tf: dict[str, Any]) -> None:
@@ -652,6 +779,7 @@ def test_inputs_are_variables(tf: dict[str, Any]) -> None:
     expected |= {"sendgrid_secret", "sendgrid_secret_version", "public_datetime"}
     expected |= {"deletion_protection", "create_triggers", "cloud_build_service_account"}
     expected |= {"alert_after_seconds", "alert_notification_channels"}
+    expected |= {"rules_secret", "rules_secret_version"}
     assert expected <= set(declared)
     for name, variable in declared.items():
         assert variable.get("description"), f"variable {name} has no description"
