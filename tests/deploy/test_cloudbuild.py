@@ -29,6 +29,7 @@ from tests.deploy.artifacts import (
     BUILTIN_SUBSTITUTIONS,
     blocks,
     dockerfile_stages,
+    dynamic,
     load_cloudbuild,
     load_terraform,
     locals_,
@@ -38,6 +39,8 @@ from tests.deploy.artifacts import (
     strings,
     substitute,
     substitution_references,
+    version_rule,
+    with_locals,
 )
 
 # What `gcloud builds submit --config cloudbuild.yaml` from a local folder leaves in the built-ins.
@@ -151,6 +154,23 @@ def deploy_args(build: dict[str, Any], tmp_path: Path, **substitutions: str) -> 
     return call
 
 
+def secrets(args: list[str]) -> dict[str, str]:
+    """--update-secrets split as gcloud does (one KEY=SECRET:VERSION per comma). A key that starts
+    with "/" is the path of a file the secret version is mounted as; any other, a variable."""
+    pairs = [item.partition("=") for item in flag(args, "--update-secrets").split(",")]
+    assert all(separator == "=" for _, separator, _ in pairs), pairs
+    return {key: value for key, _, value in pairs}
+
+
+def removed_secrets(args: list[str]) -> list[str]:
+    return [
+        key
+        for arg in args
+        if arg.startswith("--remove-secrets=")
+        for key in arg.partition("=")[2].split(",")
+    ]
+
+
 def env_vars(args: list[str]) -> dict[str, str]:
     """--set-env-vars split as gcloud does, honouring a `^DELIM^` prefix (gcloud topic escaping)."""
     value = flag(args, "--set-env-vars")
@@ -185,6 +205,8 @@ def test_every_reference_is_a_builtin_or_a_defined_substitution(build: dict[str,
 
 # Substitutions the operator must pass; the check step refuses the build without them.
 REQUIRED = {"_SENDGRID_SECRET_VERSION"}
+# Substitutions whose empty default means "not used" (no rules file).
+OPTIONAL = {"_RULES_SECRET", "_RULES_SECRET_VERSION"}
 
 
 def test_user_substitutions_are_underscored_with_defaults_and_shadow_no_builtin(
@@ -195,7 +217,7 @@ def test_user_substitutions_are_underscored_with_defaults_and_shadow_no_builtin(
         assert re.fullmatch(r"_[A-Z0-9_]+", key), key
         assert key[1:] not in BUILTIN_SUBSTITUTIONS, f"{key} reads like the built-in ${key[1:]}"
         assert isinstance(value, str), f"{key}: quote it, Cloud Build substitutions are strings"
-        assert bool(value) != (key in REQUIRED), f"{key}: a default only where one is safe"
+        assert bool(value) != (key in REQUIRED | OPTIONAL), f"{key}: a default only where safe"
         assert "$" not in value, f"{key}: defaults are not substituted (no dynamic substitutions)"
 
 
@@ -300,8 +322,8 @@ def test_deploy_sets_identity_secret_and_settings(build: dict[str, Any], tmp_pat
     assert args[2] == subs["_SERVICE"]
     assert flag(args, "--service-account") == runtime
     assert flag(args, "--region") == subs["_REGION"]
-    assert flag(args, "--set-secrets") == (
-        f"SENDGRID_API_KEY={subs['_SENDGRID_SECRET']}:{SUBMITTED['_SENDGRID_SECRET_VERSION']}"
+    assert secrets(args)["SENDGRID_API_KEY"] == (
+        f"{subs['_SENDGRID_SECRET']}:{SUBMITTED['_SENDGRID_SECRET_VERSION']}"
     )
     assert flag(args, "--concurrency") == "80"
     settings = env_vars(args)
@@ -444,9 +466,13 @@ def test_cloud_build_and_terraform_deploy_the_same_service(
     template = single(service["template"])
     containers = single(template["containers"])
     terraform_env = {entry["name"] for entry in containers["env"]}
+    terraform_rules_env = {content["name"] for _, content in dynamic(containers, "env")}
+    for rules, expected in (({}, terraform_env), (RULES, terraform_env | terraform_rules_env)):
+        args = deploy_args(build, tmp_path, **rules)
+        secret_env = {key for key in secrets(args) if not key.startswith("/")}
+        # Else each deploy would fight the other's drift.
+        assert set(env_vars(args)) | secret_env == expected, rules
     args = deploy_args(build, tmp_path)
-    cloud_build_env = set(env_vars(args)) | {flag(args, "--set-secrets").partition("=")[0]}
-    assert cloud_build_env == terraform_env  # else each deploy would fight the other's drift
     assert int(flag(args, "--concurrency")) == template["max_instance_request_concurrency"]
     assert locals_(tf)["idempotency_store"].count(env_vars(args)["IDEMPOTENCY_STORE"]) == 1
     resources_ = single(containers["resources"])
@@ -484,3 +510,123 @@ def test_both_files_derive_the_same_event_audience(build: dict[str, Any], tmp_pa
         .replace("${data.google_project.this.number}", LOCAL_SUBMIT["PROJECT_NUMBER"])
     )
     assert env_vars(deploy_args(build, tmp_path))["EVENT_AUDIENCE"] == terraform_audience
+
+
+# --------------------------------------------------------------------------------------------
+# The routing rules file (NOTIFY_RULES) from Secret Manager, mounted as a file
+# --------------------------------------------------------------------------------------------
+
+RULES = {"_RULES_SECRET": "notify-rules", "_RULES_SECRET_VERSION": "2"}
+
+
+def mounted_files(args: list[str]) -> dict[str, str]:
+    return {key: value for key, value in secrets(args).items() if key.startswith("/")}
+
+
+def test_without_a_rules_secret_no_file_is_mounted_and_notify_rules_is_unset(
+    build: dict[str, Any], tmp_path: Path
+) -> None:
+    args = deploy_args(build, tmp_path)
+    assert mounted_files(args) == {}
+    assert "NOTIFY_RULES" not in env_vars(args)
+    # A rules file mounted by an earlier deploy goes too; --set-env-vars already drops the rest.
+    (rules_file,) = removed_secrets(args)
+    assert rules_file == "/etc/gcs-notifier/rules.yaml"
+
+
+def test_a_rules_secret_is_mounted_as_the_file_notify_rules_names(
+    build: dict[str, Any], tmp_path: Path
+) -> None:
+    args = deploy_args(build, tmp_path, **RULES)
+    assert mounted_files(args) == {"/etc/gcs-notifier/rules.yaml": "notify-rules:2"}
+    assert env_vars(args)["NOTIFY_RULES"] == "/etc/gcs-notifier/rules.yaml"
+    assert removed_secrets(args) == []
+    assert secrets(args)["SENDGRID_API_KEY"] == "sendgrid-api-key:3", "the key stays"
+
+
+def test_the_rules_file_is_a_path_gcloud_mounts(build: dict[str, Any], tmp_path: Path) -> None:
+    # gcloud: a key starting with "/" is a mount path, in the form /<folder>/<file>, with no
+    # empty, "." or ".." segment; the folder holds this one secret (one secret per folder).
+    (path,) = mounted_files(deploy_args(build, tmp_path, **RULES))
+    segments = path.split("/")
+    assert len(segments) >= 3
+    assert not {"", ".", ".."} & set(segments[1:])
+    assert path.rsplit("/", 1)[0] not in {"/tmp", "/etc", "/app", "/home"}, "would hide a folder"
+
+
+def test_secrets_are_updated_so_terraforms_rules_volume_keeps_its_name(
+    build: dict[str, Any], tmp_path: Path
+) -> None:
+    # gcloud's --set-secrets drops every mount first and names each new volume at random, so
+    # each deploy would rename Terraform's "rules" volume and each apply rename it back, starting
+    # a revision; --update-secrets keeps the volume already mounted at the folder, name and all.
+    for rules in ({}, RULES):
+        args = deploy_args(build, tmp_path, **rules)
+        assert not [arg for arg in args if arg.startswith(("--set-secrets", "--clear-secrets"))]
+        assert len([arg for arg in args if arg.startswith("--update-secrets=")]) == 1
+
+
+@pytest.mark.parametrize("version", ["latest", "", "0", "01", "2.0", "2 ", "projects/p/secrets/s"])
+def test_a_rules_version_that_is_not_a_number_fails_the_build_early(
+    build: dict[str, Any], tmp_path: Path, version: str
+) -> None:
+    run = run_step(build, "check", tmp_path, **{**RULES, "_RULES_SECRET_VERSION": version})
+    assert run.returncode == 1
+    assert "_RULES_SECRET_VERSION must be a version number of notify-rules" in run.stderr
+    assert run.gcloud_calls == []
+
+
+def test_a_rules_version_without_a_rules_secret_fails_the_build_early(
+    build: dict[str, Any], tmp_path: Path
+) -> None:
+    run = run_step(build, "check", tmp_path, _RULES_SECRET_VERSION="2")
+    assert run.returncode == 1
+    assert "_RULES_SECRET_VERSION=2 without _RULES_SECRET" in run.stderr
+
+
+@pytest.mark.parametrize(
+    "secret", ["notify-rules:2", "projects/p/secrets/notify-rules", "a,b", "a b", "$(id)"]
+)
+def test_a_rules_secret_that_is_not_a_secret_id_fails_the_build_early(
+    build: dict[str, Any], tmp_path: Path, secret: str
+) -> None:
+    run = run_step(build, "check", tmp_path, **{**RULES, "_RULES_SECRET": secret})
+    assert run.returncode == 1
+    assert "_RULES_SECRET must be a secret ID" in run.stderr
+
+
+def test_a_rules_secret_with_its_version_passes_the_check(
+    build: dict[str, Any], tmp_path: Path
+) -> None:
+    assert run_step(build, "check", tmp_path, **RULES) == StepRun(0, "", [])
+
+
+def test_both_files_mount_the_rules_file_at_the_same_path(
+    build: dict[str, Any], tmp_path: Path
+) -> None:
+    tf = load_terraform()
+    (service,) = of_type(tf, "google_cloud_run_v2_service").values()
+    template = single(service["template"])
+    containers = single(template["containers"])
+    ((_, volume),) = dynamic(template, "volumes")
+    ((_, mount),) = dynamic(containers, "volume_mounts")
+    ((_, variable),) = dynamic(containers, "env")
+    item = single(single(volume["secret"])["items"])
+    terraform_file = with_locals(tf, mount["mount_path"]) + "/" + with_locals(tf, item["path"])
+    args = deploy_args(build, tmp_path, **RULES)
+    (cloud_build_file,) = mounted_files(args)
+    assert terraform_file == cloud_build_file
+    assert with_locals(tf, variable["value"]) == env_vars(args)["NOTIFY_RULES"] == terraform_file
+    variables = blocks(tf, "variable")
+    subs = build["substitutions"]
+    assert subs["_RULES_SECRET"] == variables["rules_secret"]["default"] == ""
+    assert subs["_RULES_SECRET_VERSION"] == variables["rules_secret_version"]["default"] == ""
+
+
+@pytest.mark.parametrize("version", ["1", "2", "27", "latest", "0", "01", "2.0", "2 ", "-1"])
+def test_both_files_pin_the_rules_version_by_the_same_rule(
+    build: dict[str, Any], tmp_path: Path, version: str
+) -> None:
+    terraform_accepts = version_rule(load_terraform(), "rules_secret_version")(version)
+    run = run_step(build, "check", tmp_path, **{**RULES, "_RULES_SECRET_VERSION": version})
+    assert (run.returncode == 0) == terraform_accepts
