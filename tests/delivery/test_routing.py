@@ -404,6 +404,30 @@ def test_every_email_ends_with_a_footer_naming_the_route_and_why_in_both_parts(
     assert "misc/readme.txt" in text_of(ops)
 
 
+def test_a_template_that_fails_on_an_event_still_tells_the_change_in_todays_words(
+    serve: Serve, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = serve("""
+        version: 1
+        routes:
+          - name: sizes
+            to: [ops@example.com]
+            subject: "{{ name }}: {{ size // 1024 }} KiB"
+            text: "{{ name }} is {{ size + 1 }} bytes long, give or take one"
+    """)
+    with caplog.at_level(logging.WARNING, logger="app.rules.templates"):
+        answer = upload(server, "no-size.bin", size=None)  # no size: the templates raise
+    assert answer.json()["status"] == "sent"
+    [message] = emails(tmp_path)
+    assert message["Subject"] == "[gs://some-bucket] finalized: no-size.bin"
+    assert "gs://some-bucket/no-size.bin was uploaded." in text_of(message)
+    assert "give or take" not in text_of(message)
+    assert "Sent by route sizes because it matched: every event" in text_of(message)
+    failures = [r for r in caplog.records if r.name == "app.rules.templates"]
+    assert sorted(str(getattr(r, "field", "")) for r in failures) == ["subject", "text"]
+    assert all(getattr(r, "route", None) == "sizes" for r in failures)
+
+
 # --- redelivery ----------------------------------------------------------------------------
 
 
