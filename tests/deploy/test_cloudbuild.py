@@ -146,12 +146,13 @@ def run_step(build: dict[str, Any], step_id: str, tmp_path: Path, **substitution
 
 
 def deploy_args(build: dict[str, Any], tmp_path: Path, **substitutions: str) -> list[str]:
-    """The arguments of the one `gcloud run deploy` the deploy step runs."""
+    """The arguments of the one `gcloud beta run deploy` the deploy step runs (beta: --max, the
+    service-level instance cap, is a beta flag)."""
     run = run_step(build, "deploy", tmp_path, **substitutions)
     assert run.returncode == 0, run.stderr
     (call,) = run.gcloud_calls
-    assert call[:2] == ["run", "deploy"]
-    return call
+    assert call[:3] == ["beta", "run", "deploy"]
+    return call[1:]
 
 
 def secrets(args: list[str]) -> dict[str, str]:
