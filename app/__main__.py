@@ -81,8 +81,15 @@ class Server(uvicorn.Server):
 def main() -> None:
     settings = load_settings()
     configure_logging(settings.log_level)
+    fatal: list[str] = []
+
+    def stop(message: str) -> None:
+        # A rules file that cannot be used, found once serving began: stop, exit non-zero.
+        fatal.append(message)
+        server.should_exit = True
+
     try:
-        app = create_app(settings, on_loaded=gc.freeze)
+        app = create_app(settings, on_loaded=gc.freeze, on_fatal=stop)
     except StartupError as error:
         sys.exit(f"cannot start: {error}")
 
@@ -104,7 +111,10 @@ def main() -> None:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
     gc.freeze()  # start-up's objects live as long as the process: keep GC passes short
-    Server(config, on_exit_signal=shutting_down).run()
+    server = Server(config, on_exit_signal=shutting_down)
+    server.run()
+    if fatal:
+        sys.exit(f"cannot start: {fatal[0]}")
 
 
 if __name__ == "__main__":

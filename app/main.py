@@ -22,7 +22,7 @@ from app.api import errors, events, health
 from app.api.openapi import document_event_route
 from app.config import Settings, load_settings
 from app.logs import current_trace, trace_from_header
-from app.preflight import check, load_rules
+from app.preflight import check
 from app.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -92,16 +92,19 @@ def create_app(
     store: IdempotencyStore | None = None,
     *,
     on_loaded: Callable[[], None] | None = None,
+    on_fatal: Callable[[str], None] | None = None,
 ) -> FastAPI:
-    """Raises preflight.StartupError when the settings point at something that cannot work."""
+    """Raises preflight.StartupError when the settings point at something that cannot work.
+    `on_fatal(message)` is called when the rules file, loaded once serving has begun, turns out
+    bad (the process entry point then stops with that message); without it, the app stays up,
+    answering events and /healthz with 503."""
     settings = settings or load_settings()
     check(settings, own_notifier=notifier is None, own_store=store is None)
-    router = load_rules(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime(
-            settings, notifier=notifier, store=store, router=router, on_loaded=on_loaded
+            settings, notifier=notifier, store=store, on_loaded=on_loaded, on_fatal=on_fatal
         )
         app.state.runtime = runtime
         runtime.started()

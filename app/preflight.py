@@ -10,12 +10,8 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from app.config import Settings
-
-if TYPE_CHECKING:
-    from app.rules.routing import RulesRouter
 
 
 class StartupError(Exception):
@@ -56,17 +52,3 @@ def check(settings: Settings, *, own_notifier: bool = True, own_store: bool = Tr
         check_writable_folder("OUTBOX_DIR", settings.outbox_dir)
     if own_store:
         check_store(settings.idempotency_store)
-
-
-def load_rules(settings: Settings) -> RulesRouter | None:
-    """The router of NOTIFY_RULES, read, validated and compiled now; None without a rules file
-    (nothing of app.rules is imported then)."""
-    if settings.notify_rules is None:
-        return None
-    from app.rules.model import RulesError
-    from app.rules.routing import load_router
-
-    try:
-        return load_router(settings.notify_rules, settings.sender)
-    except RulesError as error:
-        raise StartupError(f"NOTIFY_RULES: {error}") from None

@@ -5,6 +5,11 @@ costs a noticeable share of start-up time and memory. None of it is needed to st
 serving or to answer `/datetime`, so it loads when the first event arrives: an instance started
 for `/datetime` starts as fast as a bare FastAPI app, and one started by an event pays the same
 total either way.
+
+A rules file (NOTIFY_RULES) belongs to the event path too: it is read, validated and compiled in
+a worker thread as soon as the server starts, not on the first event, so a bad file stops the
+service at start-up (`on_fatal`) while /datetime is served at once. Until the rules are ready,
+/healthz answers 503 (so Cloud Run's start-up probe holds traffic back) and events wait for them.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from urllib.parse import urlsplit
 from app.config import Settings
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from app.delivery.pipeline import Pipeline
     from app.delivery.store import IdempotencyStore
     from app.notify.base import Notifier
@@ -95,14 +102,15 @@ class Runtime:
         *,
         notifier: Notifier | None = None,
         store: IdempotencyStore | None = None,
-        router: Router | None = None,
         on_loaded: Callable[[], None] | None = None,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
-        self._router = router
         self._notifier = notifier
         self._store = store
         self._on_loaded = on_loaded
+        self._on_fatal = on_fatal
+        self._rules: asyncio.Task[Router] | None = None
         self._pipeline: Pipeline | None = None
         self._verifier: TokenVerifier | None = None
         self._owned = AsyncExitStack()
@@ -112,18 +120,52 @@ class Runtime:
         """Called in the lifespan's start-up, in the serving event loop."""
         self._loop = asyncio.get_running_loop()
         fields = describe(self.settings, notifier=self._notifier)
-        if self._router is not None:
-            from app.rules.routing import RulesRouter
-
-            if isinstance(self._router, RulesRouter):
-                fields["routes"] = len(self._router.rules.routes)
-                del fields["recipients"]  # NOTIFY_TO plays no part: the routes name recipients
+        path = self.settings.notify_rules
+        if path is not None:
+            del fields["recipients"]  # NOTIFY_TO plays no part: the routes name the recipients
+            self._rules = self._loop.create_task(self._load_rules(path))
         log.info("service started", extra=fields)
 
+    async def _load_rules(self, path: Path) -> Router:
+        from app.rules.base import RulesUnavailable
+
+        started = self._loop.time() if self._loop else 0.0
+        try:
+            router = await asyncio.to_thread(_load_router, path, self.settings.sender)
+        except Exception as error:
+            from app.rules.model import RulesError  # imported by the worker thread already
+
+            if isinstance(error, RulesError):  # one line naming file, line, route and field
+                message = f"NOTIFY_RULES: {error}"
+                log.critical("the rules file cannot be used", extra={"error": message})
+            else:  # a bug: the trace goes to the log
+                message = (
+                    f"NOTIFY_RULES: the rules file could not be loaded ({type(error).__name__})"
+                )
+                log.exception("the rules file could not be loaded")
+            if self._on_fatal is not None:
+                self._on_fatal(message)
+            raise RulesUnavailable(message.removeprefix("NOTIFY_RULES: ")) from None
+        elapsed = (self._loop.time() - started) if self._loop else 0.0
+        log.info(
+            "routing rules loaded",
+            extra={"rules": str(path), "routes": router.size, "seconds": round(elapsed, 3)},
+        )
+        return router
+
+    async def router(self) -> Router | None:
+        """The rules' router once it is ready (RulesUnavailable if the file is bad); None without
+        a rules file."""
+        if self._rules is None:
+            return None
+        return await asyncio.shield(self._rules)
+
     async def pipeline(self) -> Pipeline:
-        # Built synchronously, so concurrent first events cannot build two.
         if self._pipeline is None:
-            self._pipeline = self._build_pipeline()
+            router = await self.router()
+            # Built synchronously, so concurrent first events cannot build two.
+            if self._pipeline is None:
+                self._pipeline = self._build_pipeline(router)
         return self._pipeline
 
     async def verifier(self) -> TokenVerifier | None:
@@ -135,9 +177,16 @@ class Runtime:
             self._owned.push_async_callback(self._verifier.close)
         return self._verifier
 
-    async def check_store(self) -> None:
-        """Raise StoreUnavailable when the open store cannot be reached; a store not opened yet
-        (no event so far) has nothing to report."""
+    async def check_ready(self) -> None:
+        """Raise RulesUnavailable while the rules file is loading or if it is bad, and
+        StoreUnavailable when the open store cannot be reached (a store not opened yet, before
+        the first event, has nothing to report)."""
+        if self._rules is not None:
+            from app.rules.base import RulesUnavailable
+
+            if not self._rules.done():
+                raise RulesUnavailable("the rules file is still loading")
+            await self.router()
         if self._pipeline is not None:
             await self._pipeline.store.ping()
 
@@ -153,7 +202,7 @@ class Runtime:
         if self._pipeline is not None and self._loop is not None:
             self._pipeline.drain(self._loop.time() + grace_seconds)
 
-    def _build_pipeline(self) -> Pipeline:
+    def _build_pipeline(self, router: Router | None) -> Pipeline:
         from app.delivery.deadletter import DeadLetterBox
         from app.delivery.pipeline import Pipeline
         from app.delivery.store import open_store
@@ -172,7 +221,7 @@ class Runtime:
         pipeline = Pipeline(
             store=store,
             notifier=notifier,
-            router=self._router or DefaultRouter(settings.recipients, settings.sender),
+            router=router or DefaultRouter(settings.recipients, settings.sender),
             dead_letters=DeadLetterBox(settings.dead_letter_dir),
             lease_seconds=settings.claim_lease_seconds,
         )
@@ -181,4 +230,13 @@ class Runtime:
         return pipeline
 
     async def aclose(self) -> None:
+        if self._rules is not None and not self._rules.done():
+            self._rules.cancel()
         await self._owned.aclose()
+
+
+def _load_router(path: Path, sender: str) -> Router:
+    """In a worker thread: even the import of the rules code (YAML) stays off the event loop."""
+    from app.rules.routing import load_router
+
+    return load_router(path, sender)

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 from app.delivery.store import InFlight, StoreUnavailable
 from app.events.errors import EventDecodeError
 from app.notify.base import TransientDeliveryError
+from app.rules.base import RulesUnavailable
 from app.security.errors import CertificatesUnavailable, EventAuthError, Forbidden
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,10 @@ async def _store_unavailable(_: Request, error: Exception) -> JSONResponse:
     return problem(503, "delivery state is unavailable, try again later", headers=_retry(None))
 
 
+async def _rules_unavailable(_: Request, error: Exception) -> JSONResponse:
+    return problem(503, f"routing rules not ready: {error}", headers=_retry(None))
+
+
 async def _validation(_: Request, error: RequestValidationError) -> JSONResponse:
     errors = [
         {"field": ".".join(str(part) for part in item["loc"]), "message": item["msg"]}
@@ -144,6 +149,7 @@ def install(app: FastAPI) -> None:
         (InFlight, _in_flight),
         (TransientDeliveryError, _transient),
         (StoreUnavailable, _store_unavailable),
+        (RulesUnavailable, _rules_unavailable),
         (EventAuthError, _refused),
         (ClientDisconnect, _disconnected),
         (RequestValidationError, _validation),

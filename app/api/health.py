@@ -1,4 +1,5 @@
-"""GET|HEAD /healthz: 200 while the service can work, 503 once its open store cannot be reached."""
+"""GET|HEAD /healthz: 200 while the service can work; 503 while its rules file loads (or if it is
+bad) and once its open store cannot be reached."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from starlette.responses import JSONResponse, Response
 
 from app.api.errors import problem
 from app.delivery.store import StoreUnavailable
+from app.rules.base import RulesUnavailable
 from app.runtime import Runtime
 
 router = APIRouter()
@@ -18,14 +20,16 @@ router = APIRouter()
     summary="Health check (HEAD too)",
     responses={
         200: {"description": "Serving"},
-        503: {"description": "The idempotency store cannot be reached"},
+        503: {"description": "The rules file is loading or bad, or the store cannot be reached"},
     },
 )
 async def healthz(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     try:
-        await runtime.check_store()
+        await runtime.check_ready()
     except StoreUnavailable as error:
         detail = f"idempotency store unavailable: {error}"
         return problem(503, detail, headers={"Retry-After": "10"})
+    except RulesUnavailable as error:
+        return problem(503, f"routing rules not ready: {error}", headers={"Retry-After": "1"})
     return JSONResponse({"status": "ok"})

@@ -13,6 +13,10 @@ from app.events.models import StorageEvent
 from app.notify.base import Notification
 
 
+class RulesUnavailable(Exception):
+    """The rules file is still loading, or cannot be used: events are answered 503."""
+
+
 class Unrouted(StrEnum):
     NO_ROUTE = "no route matched"
     DROPPED = "dropped by a route"
@@ -28,4 +32,9 @@ class Routed:
 
 
 class Router(Protocol):
+    @property
+    def size(self) -> int:
+        """How many routes it has."""
+        ...
+
     def route(self, event: StorageEvent) -> Routed: ...

@@ -15,6 +15,8 @@ class DefaultRouter:
         self.recipients = recipients
         self.sender = sender
 
+    size = 1
+
     def route(self, event: StorageEvent) -> Routed:
         notifications = notifications_for(event, self.recipients, self.sender)
         return Routed(notifications, None if notifications else Unrouted.NO_ROUTE)

@@ -46,6 +46,10 @@ class RulesRouter:
         self.routes = routes
         self.sender = sender
 
+    @property
+    def size(self) -> int:
+        return len(self.rules.routes)
+
     def route(self, event: StorageEvent) -> Routed:
         selected = self.matcher.select(event)
         if not selected:
