@@ -1,6 +1,6 @@
-"""`python -m app` with a bad NOTIFY_RULES file (issue 10, item 3): it does not start, exits
-non-zero and says in one message which file, line, route and field is wrong, never with a
-traceback. A good file starts it and the start-up line counts its routes."""
+"""`python -m app` with a bad NOTIFY_RULES file (issue 10, item 3): it stops, exits non-zero and
+says in one message which file, line, route and field is wrong, never with a traceback. A good
+file starts it, and the log says how many routes it loaded."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -43,9 +44,16 @@ def refusal(tmp_path: Path, rules: Path) -> str:
     assert returncode != 0, output
     assert time.monotonic() - started < 10
     assert "Traceback" not in output
-    [line] = [line for line in output.splitlines() if "NOTIFY_RULES" in line]
+    [line] = [line for line in output.splitlines() if line.startswith("cannot start: ")]
     assert line.startswith("cannot start: NOTIFY_RULES: ")
+    # Cloud Logging gets it as a structured entry too.
+    [entry] = [entry for entry in json_lines(output) if entry["severity"] == "CRITICAL"]
+    assert entry["error"] == line.removeprefix("cannot start: ")
     return line.removeprefix("cannot start: NOTIFY_RULES: ")
+
+
+def json_lines(output: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
 
 
 def write(tmp_path: Path, text: str, name: str = "rules.yaml") -> Path:
@@ -239,10 +247,12 @@ def test_a_valid_rules_file_starts_the_service_and_routes_with_it(tmp_path: Path
     assert dropped.json()["status"] == "dropped"
     assert sent.json()["status"] == "sent"
     assert len(list((tmp_path / "outbox").glob("*.eml"))) == 1
-    lines = [json.loads(line) for line in process.output().splitlines() if line.startswith("{")]
-    [started] = [line for line in lines if line.get("message") == "service started"]
-    assert started["routes"] == 2
+    lines = json_lines(process.output())
+    [started] = [line for line in lines if line["message"] == "service started"]
     assert "recipients" not in started  # NOTIFY_TO plays no part with a rules file
+    [loaded] = [line for line in lines if line["message"] == "routing rules loaded"]
+    assert loaded["routes"] == 2
+    assert loaded["rules"] == str(rules)
 
 
 def deliver(url: str, name: str) -> httpx.Response:
