@@ -98,7 +98,14 @@ class Settings(BaseSettings):
     @field_validator("notify_to", "event_invokers")
     @classmethod
     def _addresses(cls, value: list[str]) -> list[str]:
-        return [_check_address(address) for address in value]
+        # Once each, whatever the case: SendGrid refuses a message naming an address twice.
+        seen: set[str] = set()
+        unique = []
+        for address in value:
+            if _check_address(address).lower() not in seen:
+                seen.add(address.lower())
+                unique.append(address)
+        return unique
 
     @field_validator("notify_from")
     @classmethod

@@ -322,3 +322,8 @@ def test_field_and_cross_field_problems_are_listed_together(
 def test_a_sendgrid_host_with_a_line_break_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     message = refusal(monkeypatch, SENDGRID_HOST="https://api.sendgrid.com\r\nX: y")
     assert "SENDGRID_HOST" in message
+
+
+def test_a_recipient_named_twice_in_any_case_is_kept_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = settings(monkeypatch, NOTIFY_TO="ops@example.com, OPS@Example.com,dev@example.com")
+    assert values.recipients == ("ops@example.com", "dev@example.com")
