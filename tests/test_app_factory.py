@@ -26,6 +26,25 @@ def test_importing_the_app_module_builds_no_app() -> None:
     assert result.stdout.split() == ["False", "False"]
 
 
+def test_starting_the_app_loads_nothing_of_the_event_path(tmp_path: Path) -> None:
+    """Cold start is benchmarked: the event path (models, SDKs, YAML, Jinja2, the HTTP client,
+    Werkzeug's Accept parser) loads on first use, not when the app is built."""
+    probe = (
+        "import sys, app.__main__\n"
+        "from app.config import Settings\n"
+        "from app.main import create_app\n"
+        f"create_app(Settings(dead_letter_dir={str(tmp_path / 'dl')!r},"
+        f" outbox_dir={str(tmp_path / 'ob')!r}, idempotency_store='memory'))\n"
+        "heavy = ('app.events.models', 'app.rules.model', 'yaml', 'jinja2', 'aiohttp',"
+        " 'sendgrid', 'cloudevents', 'werkzeug', 'google.auth', 'redis')\n"
+        "print(sorted(name for name in heavy if name in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
 def test_the_document_describes_the_event_route(tmp_path: Path) -> None:
     document = create_app(outbox_settings(tmp_path)).openapi()
     assert "post" in document["paths"]["/"]

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from app.events.models import StorageEvent
-from app.notify.base import Notification
+if TYPE_CHECKING:  # the app imports this module at start-up; the event models load lazily
+    from app.events.models import StorageEvent
+    from app.notify.base import Notification
 
 
 class RulesUnavailable(Exception):
