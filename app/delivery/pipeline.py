@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from app.config import DONE_RETENTION_SECONDS
 from app.delivery.deadletter import DeadLetterBox
@@ -33,6 +34,9 @@ from app.notify.base import (
 from app.rules.base import Router, Unrouted
 
 log = logging.getLogger(__name__)
+
+
+CUT = "gcs-notifier: send cut short by shutdown"  # the cancel message drain() sends
 
 
 class ShuttingDown(TransientDeliveryError):
@@ -69,9 +73,10 @@ class Pipeline:
         self.router = router
         self.dead_letters = dead_letters
         self.lease_seconds = lease_seconds
-        # Sends in flight, each under a deadline that drain() can bring forward.
-        self._sends: set[asyncio.Timeout] = set()
-        self._drain_at: float | None = None
+        # The tasks sending right now, which drain() cuts short at its deadline.
+        self._sending: set[asyncio.Task[Any]] = set()
+        self._cut_short: set[asyncio.Task[Any]] = set()
+        self._cut = False
 
     async def receive(self, headers: Mapping[str, str], body: bytes) -> Result:
         """An HTTP delivery's headers and body -> what became of the event."""
@@ -89,11 +94,13 @@ class Pipeline:
         """The process is stopping: every send in flight, and any started from now on, ends by
         `deadline` (event loop time), so it can release its claim and answer 503 before the
         server gives up on it."""
-        self._drain_at = deadline
-        for timeout in self._sends:
-            when = timeout.when()
-            if when is None or when > deadline:
-                timeout.reschedule(deadline)
+        asyncio.get_running_loop().call_at(deadline, self._cut_sends)
+
+    def _cut_sends(self) -> None:
+        self._cut = True
+        for task in self._sending:
+            self._cut_short.add(task)
+            task.cancel(CUT)
 
     async def handle(self, event: StorageEvent) -> Result:
         routed = self.router.route(event)
@@ -171,17 +178,23 @@ class Pipeline:
         return Result(Outcome.SENT, event.id, sent)
 
     async def _send(self, notification: Notification) -> Receipt:
+        # A set of tasks rather than an asyncio.timeout per send: this runs for every email, and
+        # the deadline matters only once, at shutdown.
+        if self._cut:
+            raise ShuttingDown("the service is shutting down; deliver again")
+        task = asyncio.current_task()
+        assert task is not None  # always inside a request's task
+        self._sending.add(task)
         try:
-            async with asyncio.timeout_at(self._drain_at) as timeout:
-                self._sends.add(timeout)
-                try:
-                    return await self.notifier.send(notification)
-                finally:
-                    self._sends.discard(timeout)
-        except TimeoutError:
-            # Only drain() sets this deadline: notifiers turn their own timeouts into
-            # TransientDeliveryError.
+            return await self.notifier.send(notification)
+        except asyncio.CancelledError:
+            if task not in self._cut_short:
+                raise  # cancelled by someone else: the server, a client gone
+            self._cut_short.discard(task)
+            task.uncancel()
             raise ShuttingDown("the service is shutting down; deliver again") from None
+        finally:
+            self._sending.discard(task)
 
     async def _claim_all(self, notifications: list[Notification], owner: str) -> list[Notification]:
         """Claim every key not yet done; if any is in flight elsewhere, hold none of them."""

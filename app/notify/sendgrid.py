@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
+import yarl
 from pydantic import SecretStr
 from sendgrid.helpers.mail import (
     Content,
@@ -149,7 +150,7 @@ class SendGridNotifier:
         self, *, api_key: SecretStr, host: str, timeout: float, sandbox: bool = False
     ) -> None:
         self._sandbox = sandbox
-        self._url = f"{host.rstrip('/')}{SEND_PATH}"
+        self._url = yarl.URL(f"{host.rstrip('/')}{SEND_PATH}")  # parsed once, not per send
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         # The key goes into the session's headers and nowhere else: never logged or shown.
         self._key = api_key.get_secret_value()
