@@ -35,11 +35,17 @@ log = logging.getLogger(__name__)
 class RequestContext:
     """The outermost layer of the ASGI app: the Cloud Trace id for every log line of a request
     (the 500 handler's included), `nosniff` on every answer, and a last guard that answers 500
-    for an error no handler saw, logging each failure once."""
+    for an error no handler saw, logging each failure once.
 
-    def __init__(self, app: ASGIApp, project: str | None) -> None:
+    `POST /`, the route that carries the load, goes straight to its handler, with its errors
+    answered by the same handlers (errors.answer): the framework's middleware layers and router
+    cost about 28 µs of CPU per event (measured with make bench's load), a tenth of the total.
+    """
+
+    def __init__(self, app: ASGIApp, project: str | None, events: ASGIApp | None = None) -> None:
         self.app = app
         self.project = project
+        self.events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,7 +70,15 @@ class RequestContext:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers)
+            if self.events is not None and scope["path"] == "/" and scope["method"] == "POST":
+                try:
+                    await self.events(scope, receive, send_with_headers)
+                except Exception as error:
+                    if started:
+                        raise
+                    await errors.answer(error, scope, receive, send_with_headers)
+            else:
+                await self.app(scope, receive, send_with_headers)
         except Exception:
             # Starlette's ServerErrorMiddleware answers 500 through our handler (which logs it),
             # then raises again so that servers can log it: that would be a second line.
@@ -83,7 +97,7 @@ class Service(FastAPI):
     trace_project: str | None = None
 
     def build_middleware_stack(self) -> ASGIApp:
-        return RequestContext(super().build_middleware_stack(), self.trace_project)
+        return RequestContext(super().build_middleware_stack(), self.trace_project, events.asgi)
 
 
 def create_app(

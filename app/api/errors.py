@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
 
 from app.delivery.store import InFlight, StoreUnavailable
 from app.events.errors import EventDecodeError
@@ -138,6 +139,20 @@ async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     log.exception("unhandled error", extra={"path": request.url.path})
     request.scope[LOGGED_KEY] = True
     return problem(500, "internal error")
+
+
+async def answer(error: Exception, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer `error` with the handler install() registered for its class (the nearest in its
+    MRO), as Starlette's exception middleware would: for routes served without it."""
+    request = Request(scope, receive)
+    handlers = request.app.exception_handlers
+    for cls in type(error).__mro__:
+        handler = handlers.get(cls)
+        if handler is not None:
+            response = await handler(request, error)
+            await response(scope, receive, send)
+            return
+    raise error  # pragma: no cover - install() registers a handler for Exception
 
 
 def install(app: FastAPI) -> None:

@@ -1,14 +1,15 @@
 """POST / : where Eventarc delivers Cloud Storage events (`/?__GCP_CloudEventsMode=...` too).
 
-A plain Starlette route, not a FastAPI one: the body is raw bytes for the CloudEvents SDK, so
-FastAPI's parameter solving would only cost time on the one path that carries the load.
+A plain Starlette endpoint, not a FastAPI one: the body is raw bytes for the CloudEvents SDK, so
+FastAPI's parameter solving would only cost time on the one path that carries the load (which
+app.main.RequestContext also sends past the framework's middleware).
 """
 
 from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, request_response
 
 from app.api.body import read_body
 from app.runtime import Runtime
@@ -33,3 +34,6 @@ async def receive_event(request: Request) -> Response:
 
 
 route = Route("/", receive_event, methods=["POST"], name="receive_event")
+# What app.main.RequestContext calls for POST / directly; the route above serves the documents and
+# the 405 of other methods.
+asgi = request_response(receive_event)
