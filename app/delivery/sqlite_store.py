@@ -57,22 +57,6 @@ def _connect(path: str, cache_kib: int) -> sqlite3.Connection:
     return db
 
 
-def check_database(path: str) -> None:
-    """Open (creating it if need be) the database at `path` and read its schema: raises
-    StoreUnavailable naming the problem (a folder that cannot be made, a file that is not a
-    database). Start-up calls this so a store that cannot work stops the service there."""
-    try:
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, isolation_level=None)
-        try:
-            db.execute(_SCHEMA)
-        finally:
-            db.close()
-    except (OSError, sqlite3.Error) as error:
-        raise StoreUnavailable(f"sqlite: {path}: {_reason(error)}") from error
-
-
 def _reason(error: OSError | sqlite3.Error) -> str:
     return (error.strerror or str(error)) if isinstance(error, OSError) else str(error)
 

@@ -118,7 +118,7 @@ def test_final_stage_copies_only_the_app_and_the_built_virtualenv(
 
 @pytest.mark.parametrize(
     "path",
-    ["app/__main__.py", "app/main.py", "app/config.py", "requirements.txt"],
+    ["app/__main__.py", "app/server.py", "app/main.py", "app/config.py", "requirements.txt"],
 )
 def test_build_context_keeps_what_the_dockerfile_copies(path: str) -> None:
     assert (ROOT / path).exists()
