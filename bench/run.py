@@ -86,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if figures.problems():
         print("bench: INVALID: some runs had errors or mail mismatches (see Details)")
         return 2
-    failed = [t for t in report.targets(figures) if t.verdict != "PASS"]
+    found = report.targets(figures) + report.rules_targets(figures)
+    failed = [t for t in found if t.verdict != "PASS"]
     print(f"bench: {len(failed)} target(s) failed" if failed else "bench: every target passes")
     return 1 if failed and args.strict else 0
 
