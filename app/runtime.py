@@ -6,10 +6,11 @@ serving or to answer `/datetime`, so it loads when the first event arrives: an i
 for `/datetime` starts as fast as a bare FastAPI app, and one started by an event pays the same
 total either way.
 
-A rules file (NOTIFY_RULES) belongs to the event path too: it is read, validated and compiled in
-a worker thread as soon as the server starts, not on the first event, so a bad file stops the
-service at start-up (`on_fatal`) while /datetime is served at once. Until the rules are ready,
-/healthz answers 503 (so Cloud Run's start-up probe holds traffic back) and events wait for them.
+A rules file (NOTIFY_RULES) belongs to the event path too. It is read, validated and compiled in
+a worker thread at start-up, not on the first event, so a bad file stops the service at once
+(`on_fatal`): as soon as anything needs the rules (an event, /healthz, which is Cloud Run's
+start-up probe), or else 50 ms after the server starts, so that the first /datetime is not
+slowed by the load. Events and /healthz wait for the load; a bad file answers both with 503.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOAD_SWITCH_INTERVAL = 0.0005  # seconds; sys.getswitchinterval() is 0.005 by default
+RULES_LOAD_DELAY = 0.05  # seconds after start-up, unless something needs the rules sooner
 
 
 def make_notifier(settings: Settings) -> Notifier:
@@ -114,6 +116,7 @@ class Runtime:
         self._on_loaded = on_loaded
         self._on_fatal = on_fatal
         self._rules: asyncio.Task[Router] | None = None
+        self._rules_soon: asyncio.TimerHandle | None = None
         self._pipeline: Pipeline | None = None
         self._verifier: TokenVerifier | None = None
         self._owned = AsyncExitStack()
@@ -126,8 +129,18 @@ class Runtime:
         path = self.settings.notify_rules
         if path is not None:
             del fields["recipients"]  # NOTIFY_TO plays no part: the routes name the recipients
-            self._rules = self._loop.create_task(self._load_rules(path))
+            self._rules_soon = self._loop.call_later(RULES_LOAD_DELAY, self._load_rules_now)
         log.info("service started", extra=fields)
+
+    def _load_rules_now(self) -> asyncio.Task[Router]:
+        if self._rules is None:
+            path = self.settings.notify_rules
+            if self._loop is None or path is None:
+                raise RuntimeError("rules load from NOTIFY_RULES once the server has started")
+            if self._rules_soon is not None:
+                self._rules_soon.cancel()
+            self._rules = self._loop.create_task(self._load_rules(path))
+        return self._rules
 
     async def _load_rules(self, path: Path) -> Router:
         from app.rules.base import RulesUnavailable
@@ -167,9 +180,9 @@ class Runtime:
     async def router(self) -> Router | None:
         """The rules' router once it is ready (RulesUnavailable if the file is bad); None without
         a rules file."""
-        if self._rules is None:
+        if self.settings.notify_rules is None:
             return None
-        return await asyncio.shield(self._rules)
+        return await asyncio.shield(self._load_rules_now())
 
     async def pipeline(self) -> Pipeline:
         if self._pipeline is None:
@@ -189,15 +202,11 @@ class Runtime:
         return self._verifier
 
     async def check_ready(self) -> None:
-        """Raise RulesUnavailable while the rules file is loading or if it is bad, and
-        StoreUnavailable when the open store cannot be reached (a store not opened yet, before
-        the first event, has nothing to report)."""
-        if self._rules is not None:
-            from app.rules.base import RulesUnavailable
-
-            if not self._rules.done():
-                raise RulesUnavailable("the rules file is still loading")
-            await self.router()
+        """Wait for the rules file to load (RulesUnavailable if it is bad: a start-up probe that
+        answered 503 while a good file was loading would come back only after its period, 10 s
+        by default), then raise StoreUnavailable when the open store cannot be reached (a store
+        not opened yet, before the first event, has nothing to report)."""
+        await self.router()
         if self._pipeline is not None:
             await self._pipeline.store.ping()
 
@@ -241,6 +250,8 @@ class Runtime:
         return pipeline
 
     async def aclose(self) -> None:
+        if self._rules_soon is not None:
+            self._rules_soon.cancel()
         if self._rules is not None and not self._rules.done():
             self._rules.cancel()
         await self._owned.aclose()

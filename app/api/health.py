@@ -1,5 +1,6 @@
-"""GET|HEAD /healthz: 200 while the service can work; 503 while its rules file loads (or if it is
-bad) and once its open store cannot be reached."""
+"""GET|HEAD /healthz: 200 while the service can work. It waits for the rules file to load (it is
+Cloud Run's start-up probe: an early 503 would hold the instance back a whole probe period), and
+answers 503 when that file is bad or the open store cannot be reached."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ router = APIRouter()
     summary="Health check (HEAD too)",
     responses={
         200: {"description": "Serving"},
-        503: {"description": "The rules file is loading or bad, or the store cannot be reached"},
+        503: {"description": "The rules file is bad, or the store cannot be reached"},
     },
 )
 async def healthz(request: Request) -> Response:

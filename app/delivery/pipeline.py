@@ -183,7 +183,8 @@ class Pipeline:
         if self._cut:
             raise ShuttingDown("the service is shutting down; deliver again")
         task = asyncio.current_task()
-        assert task is not None  # always inside a request's task
+        if task is None:
+            raise RuntimeError("Pipeline.handle runs inside an asyncio task")
         self._sending.add(task)
         try:
             return await self.notifier.send(notification)
