@@ -143,7 +143,7 @@ class Runtime:
         return self._rules
 
     async def _load_rules(self, path: Path) -> Router:
-        from app.rules.base import RulesUnavailable
+        from app.rules.errors import RulesUnavailable
 
         started = self._loop.time() if self._loop else 0.0
         # While the worker thread holds the GIL, the event loop's thread waits up to the switch

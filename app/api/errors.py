@@ -21,8 +21,8 @@ from starlette.types import Receive, Scope, Send
 
 from app.delivery.store import InFlight, StoreUnavailable
 from app.events.errors import EventDecodeError
-from app.notify.base import TransientDeliveryError
-from app.rules.base import RulesUnavailable
+from app.notify.errors import TransientDeliveryError
+from app.rules.errors import RulesUnavailable
 from app.security.errors import CertificatesUnavailable, EventAuthError, Forbidden
 
 log = logging.getLogger(__name__)

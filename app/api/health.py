@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, Response
 
 from app.api.errors import problem
 from app.delivery.store import StoreUnavailable
-from app.rules.base import RulesUnavailable
+from app.rules.errors import RulesUnavailable
 from app.runtime import Runtime
 
 router = APIRouter()

@@ -9,6 +9,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from app.notify.errors import (
+    ConfigurationError,
+    DeliveryError,
+    RejectedDeliveryError,
+    TransientDeliveryError,
+)
+
+__all__ = [
+    "ConfigurationError",
+    "DeliveryError",
+    "Notification",
+    "Notifier",
+    "Receipt",
+    "RejectedDeliveryError",
+    "TransientDeliveryError",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class Notification:
@@ -40,31 +57,6 @@ class Receipt:
     notifier: str
     message_id: str | None = None
     sandbox: bool = False
-
-
-class DeliveryError(Exception):
-    """A notification was not accepted. `reason` is safe to log and to show a client."""
-
-    def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-class TransientDeliveryError(DeliveryError):
-    """Worth trying again later: timeouts, connection errors, 429, 5xx, a full disk."""
-
-
-class ConfigurationError(TransientDeliveryError):
-    """The fault is ours, not the message's: the provider refused our credentials or sender
-    (401/403), or a request we framed wrongly (a 400 naming no field of the message), or the key
-    cannot be sent at all. Retried, because nothing is lost while an operator fixes the
-    configuration or the code, but logged as an ERROR."""
-
-
-class RejectedDeliveryError(DeliveryError):
-    """The provider rejected this message for good (a 400 naming a field of it, or 413):
-    retrying cannot help."""
 
 
 class Notifier(Protocol):

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
+from app.rules.errors import RulesUnavailable
+
+__all__ = ["Routed", "Router", "RulesUnavailable", "Unrouted"]
+
 if TYPE_CHECKING:  # the app imports this module at start-up; the event models load lazily
     from app.events.models import StorageEvent
     from app.notify.base import Notification
-
-
-class RulesUnavailable(Exception):
-    """The rules file is still loading, or cannot be used: events are answered 503."""
 
 
 class Unrouted(StrEnum):
