@@ -137,6 +137,21 @@ class ServiceProcess:
     def output(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
+    def refused(self, within_seconds: float = 10) -> str:
+        """Start, expecting the service to refuse: it exits non-zero within `within_seconds`,
+        printing no traceback. Returns everything it printed."""
+        started = time.monotonic()
+        self.start(wait=False)
+        try:
+            returncode = self.wait(timeout=within_seconds + 5)
+        finally:
+            self.stop()
+        output = self.output()
+        assert returncode != 0, output
+        assert time.monotonic() - started < within_seconds
+        assert "Traceback" not in output
+        return output
+
     def __enter__(self) -> ServiceProcess:
         return self.start()
 

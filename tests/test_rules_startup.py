@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +32,7 @@ def service(tmp_path: Path, rules: Path) -> ServiceProcess:
 def refusal(tmp_path: Path, rules: Path) -> str:
     """Start the service with this rules file; it must exit non-zero, quickly. Returns the one
     line that says why."""
-    process = service(tmp_path, rules)
-    started = time.monotonic()
-    process.start(wait=False)
-    try:
-        returncode = process.wait(timeout=15)
-    finally:
-        process.stop()
-    output = process.output()
-    assert returncode != 0, output
-    assert time.monotonic() - started < 10
-    assert "Traceback" not in output
+    output = service(tmp_path, rules).refused()
     [line] = [line for line in output.splitlines() if line.startswith("cannot start: ")]
     assert line.startswith("cannot start: NOTIFY_RULES: ")
     # Cloud Logging gets it as a structured entry too.
