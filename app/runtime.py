@@ -252,8 +252,11 @@ class Runtime:
     async def aclose(self) -> None:
         if self._rules_soon is not None:
             self._rules_soon.cancel()
-        if self._rules is not None and not self._rules.done():
-            self._rules.cancel()
+        if self._rules is not None:
+            if not self._rules.done():
+                self._rules.cancel()
+            elif not self._rules.cancelled():
+                self._rules.exception()  # retrieved: a bad file was reported when it was read
         await self._owned.aclose()
 
 
