@@ -1,0 +1,339 @@
+"""Digest windows in SQLite: embedded, survives restarts and SIGKILL, for one service process
+(Redis is the store several instances share). Not wired into the service yet (issue 11).
+
+Every `add`, `claim`, `complete` and `release` is one IMMEDIATE transaction, committed before it
+returns: an event answered 2xx is in the file (WAL, synchronous=NORMAL: durable across process
+crashes, as the idempotency store). Transactions are also what makes two processes on one file
+claim a window once. Unlike the idempotency store's in-memory claims, a window's claim is
+written: the window itself must outlive the process, and a crashed sender's lease runs out and
+makes it due again.
+
+Tables: `digest_routes` (the open window per route), `digest_windows` (state, times, and the
+summary as DigestSummary JSON without its items), `digest_items` (the first `max_items` items,
+one row each, so an add writes a row instead of rewriting the list) and `digest_changes`
+(16-byte digests of the change keys that joined, for deduplication until the retention ends).
+Purging expired rows and WAL checkpoints run in a worker thread on a second connection, as in
+app.delivery.sqlite_store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from app.delivery.sqlite_store import _connect
+from app.digests.store import (
+    RETENTION_SECONDS,
+    Added,
+    Claim,
+    DigestWindow,
+    StoreUnavailable,
+    UnknownWindow,
+    WindowInfo,
+    WindowState,
+    change_digest,
+    next_opened_ms,
+    window_id,
+)
+from app.digests.window import DigestItem, DigestSummary
+
+log = logging.getLogger(__name__)
+
+MAINTAIN_EVERY = 500  # writes between background purges and checkpoints
+PURGE_BATCH = 5000
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS digest_routes (
+    route TEXT PRIMARY KEY,
+    open_window TEXT,
+    last_opened_ms INTEGER NOT NULL,
+    last_closed_at REAL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS digest_windows (
+    id TEXT PRIMARY KEY,
+    route TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    due_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    owner TEXT,
+    ready_at REAL NOT NULL,  -- when `due` lists it: due_at, lease end or release time
+    expires_at REAL,  -- done windows: when they are purged
+    events INTEGER NOT NULL,
+    summary TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS digest_windows_ready ON digest_windows (ready_at)
+    WHERE state != 'done';
+CREATE TABLE IF NOT EXISTS digest_items (
+    window TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    item TEXT NOT NULL,
+    PRIMARY KEY (window, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS digest_changes (
+    key BLOB PRIMARY KEY,
+    window TEXT NOT NULL,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class SqliteDigestStore:
+    @classmethod
+    def open(cls, path: str, retention_seconds: float = RETENTION_SECONDS) -> SqliteDigestStore:
+        """The store, or StoreUnavailable if the database cannot be opened."""
+        try:
+            return cls(path, retention_seconds)
+        except (OSError, sqlite3.Error) as error:
+            reason = error.strerror if isinstance(error, OSError) else None
+            raise StoreUnavailable(f"sqlite: {path}: {reason or error}") from error
+
+    def __init__(self, path: str, retention_seconds: float = RETENTION_SECONDS) -> None:
+        self.path = path
+        self.retention_seconds = retention_seconds
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = _connect(path, cache_kib=1024)
+        self._db.executescript(_SCHEMA)
+        self._maintenance_db: sqlite3.Connection | None = None
+        self._maintenance: asyncio.Future[None] | None = None
+        self._writes = 0
+
+    async def add(
+        self, route: str, window_seconds: float, max_items: int, item: DigestItem, now: float
+    ) -> Added:
+        key = change_digest(route, item.change_key)
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            seen = db.execute(
+                "SELECT window FROM digest_changes WHERE key = ? AND expires_at > ?", (key, now)
+            ).fetchone()
+            row = db.execute(
+                "SELECT open_window, last_opened_ms, last_closed_at FROM digest_routes"
+                " WHERE route = ?",
+                (route,),
+            ).fetchone()
+            open_window, last_opened_ms, closed_at = row if row else (None, None, None)
+            if seen is not None:
+                db.execute("COMMIT")
+                return Added(seen[0], True, False, closed_at)
+            if open_window is None:
+                opened_ms = next_opened_ms(now, last_opened_ms)
+                open_window = window_id(route, opened_ms)
+                summary = DigestSummary.empty(max_items)
+                due_at = opened_ms / 1000 + window_seconds
+                db.execute(
+                    "INSERT INTO digest_windows (id, route, opened_at, due_at, state, ready_at,"
+                    " events, summary) VALUES (?, ?, ?, ?, 'open', ?, 0, '')",
+                    (open_window, route, opened_ms / 1000, due_at, due_at),
+                )
+                db.execute(
+                    "INSERT INTO digest_routes (route, open_window, last_opened_ms)"
+                    " VALUES (?, ?, ?) ON CONFLICT (route) DO UPDATE SET"
+                    " open_window = excluded.open_window, last_opened_ms = excluded.last_opened_ms",
+                    (route, open_window, opened_ms),
+                )
+                opened = True
+            else:
+                (text,) = db.execute(
+                    "SELECT summary FROM digest_windows WHERE id = ?", (open_window,)
+                ).fetchone()
+                summary = DigestSummary.from_json(json.loads(text))
+                opened = False
+            listed = summary.count < summary.max_items
+            summary.add(item)
+            summary.items = []  # the items live in digest_items
+            db.execute(
+                "UPDATE digest_windows SET summary = ?, events = ? WHERE id = ?",
+                (_dumps(summary.to_json()), summary.count, open_window),
+            )
+            if listed:
+                db.execute(
+                    "INSERT INTO digest_items (window, seq, item) VALUES (?, ?, ?)",
+                    (open_window, summary.count - 1, _dumps(item.to_json())),
+                )
+            db.execute(
+                "INSERT OR REPLACE INTO digest_changes (key, window, expires_at) VALUES (?, ?, ?)",
+                (key, open_window, now + self.retention_seconds),
+            )
+            db.execute("COMMIT")
+        except (sqlite3.Error, ValueError) as error:
+            self._rollback()
+            raise StoreUnavailable(f"sqlite: {error}") from error
+        self._wrote(now)
+        return Added(open_window, False, opened, closed_at)
+
+    async def due(self, now: float, limit: int) -> list[str]:
+        rows = self._read(
+            "SELECT id FROM digest_windows WHERE state != 'done' AND ready_at <= ?"
+            " ORDER BY ready_at LIMIT ?",
+            (now, limit),
+        )
+        return [window for (window,) in rows]
+
+    async def claim(self, window_id: str, owner: str, lease_seconds: float, now: float) -> Claim:
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute(
+                "SELECT route, state, owner, ready_at FROM digest_windows WHERE id = ?",
+                (window_id,),
+            ).fetchone()
+            if row is None or row[1] == WindowState.DONE:
+                db.execute("COMMIT")
+                return Claim.DONE
+            route, state, holder, ready_at = row
+            if state == WindowState.SENDING and ready_at > now and holder != owner:
+                db.execute("COMMIT")
+                return Claim.IN_FLIGHT
+            if state == WindowState.OPEN:
+                self._close(route, window_id, now)
+            db.execute(
+                "UPDATE digest_windows SET state = 'sending', owner = ?, ready_at = ? WHERE id = ?",
+                (owner, now + lease_seconds, window_id),
+            )
+            db.execute("COMMIT")
+        except sqlite3.Error as error:
+            self._rollback()
+            raise StoreUnavailable(f"sqlite: {error}") from error
+        self._wrote(now)
+        return Claim.CLAIMED
+
+    async def read(self, window_id: str) -> DigestWindow:
+        rows = self._read(
+            "SELECT route, opened_at, due_at, state, events, summary FROM digest_windows"
+            " WHERE id = ?",
+            (window_id,),
+        )
+        if not rows:
+            raise UnknownWindow(window_id)
+        route, opened_at, due_at, state, events, text = rows[0]
+        items = self._read(
+            "SELECT item FROM digest_items WHERE window = ? ORDER BY seq", (window_id,)
+        )
+        try:
+            summary = DigestSummary.from_json(json.loads(text))
+            summary.items = [DigestItem.from_json(json.loads(item)) for (item,) in items]
+        except ValueError as error:
+            raise StoreUnavailable(f"sqlite: window {window_id!r}: {error}") from error
+        info = WindowInfo(window_id, route, opened_at, due_at, events, WindowState(state))
+        return DigestWindow(info, summary)
+
+    async def complete(self, window_id: str, owner: str, now: float) -> None:
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute(
+                "SELECT route, state FROM digest_windows WHERE id = ?", (window_id,)
+            ).fetchone()
+            if row is not None and row[1] != WindowState.DONE:
+                if row[1] == WindowState.OPEN:
+                    self._close(row[0], window_id, now)
+                db.execute(
+                    "UPDATE digest_windows SET state = 'done', owner = NULL, expires_at = ?"
+                    " WHERE id = ?",
+                    (now + self.retention_seconds, window_id),
+                )
+            db.execute("COMMIT")
+        except sqlite3.Error as error:
+            self._rollback()
+            raise StoreUnavailable(f"sqlite: {error}") from error
+        self._wrote(now)
+
+    async def release(self, window_id: str, owner: str, now: float) -> None:
+        try:
+            self._db.execute(
+                "UPDATE digest_windows SET state = 'released', owner = NULL, ready_at = ?"
+                " WHERE id = ? AND state = 'sending' AND owner = ?",
+                (now, window_id, owner),
+            )
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"sqlite: {error}") from error
+        self._wrote(now)
+
+    async def pending(self, now: float) -> list[WindowInfo]:
+        rows = self._read(
+            "SELECT id, route, opened_at, due_at, events, state FROM digest_windows"
+            " WHERE state != 'done' ORDER BY due_at, id",
+            (),
+        )
+        return [
+            WindowInfo(wid, route, opened_at, due_at, events, WindowState(state))
+            for wid, route, opened_at, due_at, events, state in rows
+        ]
+
+    def _close(self, route: str, window_id: str, now: float) -> None:
+        """Inside a transaction: the route's next event opens a new window."""
+        self._db.execute(
+            "UPDATE digest_routes SET last_closed_at = ?,"
+            " open_window = CASE WHEN open_window = ? THEN NULL ELSE open_window END"
+            " WHERE route = ?",
+            (now, window_id, route),
+        )
+
+    def _read(self, statement: str, parameters: tuple[object, ...]) -> list[Any]:
+        try:
+            return self._db.execute(statement, parameters).fetchall()
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"sqlite: {error}") from error
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.warning("sqlite rollback failed", extra={"path": self.path})
+
+    def _wrote(self, now: float) -> None:
+        self._writes += 1
+        idle = self._maintenance is None or self._maintenance.done()
+        if self._writes % MAINTAIN_EVERY == 0 and idle:
+            loop = asyncio.get_running_loop()
+            self._maintenance = loop.run_in_executor(None, self.maintain, now)
+
+    def maintain(self, now: float) -> None:
+        """Purge expired change keys and done windows, checkpoint the WAL (in a worker thread)."""
+        try:
+            if self._maintenance_db is None:
+                self._maintenance_db = _connect(self.path, cache_kib=128)
+            db = self._maintenance_db
+            changes = db.execute(
+                "SELECT key FROM digest_changes WHERE expires_at <= ? LIMIT ?", (now, PURGE_BATCH)
+            ).fetchall()
+            windows = db.execute(
+                "SELECT id FROM digest_windows WHERE state = 'done' AND expires_at <= ? LIMIT ?",
+                (now, PURGE_BATCH),
+            ).fetchall()
+            if changes or windows:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany(
+                    "DELETE FROM digest_changes WHERE key = ? AND expires_at <= ?",
+                    [(key, now) for (key,) in changes],
+                )
+                db.executemany("DELETE FROM digest_items WHERE window = ?", windows)
+                db.executemany("DELETE FROM digest_windows WHERE id = ?", windows)
+                db.execute("COMMIT")
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as error:
+            # Nothing is lost: the next round tries again, and the WAL only grows meanwhile.
+            if self._maintenance_db is not None and self._maintenance_db.in_transaction:
+                self._maintenance_db.execute("ROLLBACK")
+            log.warning("sqlite digest maintenance failed", extra={"reason": str(error)})
+
+    async def aclose(self) -> None:
+        if self._maintenance is not None:
+            await self._maintenance
+        if self._maintenance_db is not None:
+            self._maintenance_db.close()
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as error:
+            log.warning("sqlite checkpoint at shutdown failed", extra={"reason": str(error)})
+        self._db.close()

@@ -1,0 +1,396 @@
+"""Every digest store keeps the same promises: one open window per route, every change counted
+once, a window claimed by one flush, nothing lost across a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from app.digests.memory_store import MemoryDigestStore
+from app.digests.redis_store import RedisDigestStore
+from app.digests.sqlite_store import SqliteDigestStore
+from app.digests.store import Claim, DigestStore, UnknownWindow, WindowState
+from app.digests.window import DigestItem, DigestSummary
+from app.events.models import EventType
+from tests.redis_server import redis_server
+
+log = logging.getLogger(__name__)
+
+NOW = 1_730_000_000.0  # fixed clock: every method takes `now`
+T0 = datetime(2024, 10, 1, 9, 30, tzinfo=UTC)
+
+Opener = Callable[[], DigestStore]
+
+
+@pytest.fixture(
+    params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)],
+)
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Opens a store; calling it again opens another instance on the same storage (the same
+    object for memory, another connection for SQLite, another client for Redis)."""
+    if request.param == "memory":
+        memory = MemoryDigestStore()
+        yield lambda: memory
+    elif request.param == "sqlite":
+        path = str(tmp_path / "state" / "digests.db")
+        yield lambda: SqliteDigestStore.open(path)
+    else:
+        with redis_server(tmp_path) as url:
+            yield lambda: RedisDigestStore(Redis.from_url(url))
+
+
+def run(opener: Opener, scenario: Callable[[DigestStore], Awaitable[None]]) -> None:
+    async def main() -> None:
+        store = opener()
+        try:
+            await scenario(store)
+        finally:
+            await store.aclose()
+
+    asyncio.run(main())
+
+
+def item(n: int, *, kind: EventType = EventType.FINALIZED, bucket: str = "acme") -> DigestItem:
+    return DigestItem(
+        change_key=f"change-{bucket}-{n}-{kind.short}",
+        event_type=kind,
+        bucket=bucket,
+        name=f"reports/2024/{n}.csv",
+        size=1000 + n,
+        time=T0 + timedelta(seconds=n),
+        content_type="text/csv",
+    )
+
+
+def test_first_event_opens_a_window_that_later_events_join(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        first = await store.add("r", 300, 10, item(1), NOW)
+        second = await store.add("r", 300, 10, item(2), NOW + 5)
+        assert first.window_id == f"r:{int(NOW * 1000)}"
+        assert (first.opened, first.duplicate, first.previous_closed_at) == (True, False, None)
+        assert (second.window_id, second.opened, second.duplicate) == (
+            first.window_id,
+            False,
+            False,
+        )
+        window = await store.read(first.window_id)
+        assert window.info.route == "r"
+        assert window.info.opened_at == pytest.approx(NOW)
+        assert window.info.due_at == pytest.approx(NOW + 300)
+        assert window.info.state is WindowState.OPEN
+        assert window.summary == DigestSummary.empty(10).add(item(1)).add(item(2))
+
+    run(opener, scenario)
+
+
+def test_the_same_change_twice_counts_once_within_and_across_windows(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        first = await store.add("r", 60, 10, item(1), NOW)
+        again = await store.add("r", 60, 10, item(1), NOW + 1)
+        assert (again.duplicate, again.window_id, again.opened) == (True, first.window_id, False)
+        assert await store.claim(first.window_id, "flusher", 30, NOW + 61) is Claim.CLAIMED
+        await store.complete(first.window_id, "flusher", NOW + 62)
+        late = await store.add("r", 60, 10, item(1), NOW + 3600)  # redelivered an hour later
+        assert (late.duplicate, late.window_id) == (True, first.window_id)
+        assert await store.pending(NOW + 3600) == []
+        assert (await store.read(first.window_id)).summary.count == 1
+
+    run(opener, scenario)
+
+
+def test_a_change_is_deduplicated_per_route(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        one = await store.add("one", 60, 10, item(1), NOW)
+        two = await store.add("two", 60, 10, item(1), NOW)
+        assert not one.duplicate
+        assert not two.duplicate
+        assert one.window_id != two.window_id
+
+    run(opener, scenario)
+
+
+def test_a_change_is_forgotten_after_the_retention(tmp_path: Path) -> None:
+    async def scenario(store: DigestStore) -> None:
+        first = await store.add("r", 60, 10, item(1), NOW)
+        await store.claim(first.window_id, "f", 30, NOW + 60)
+        await store.complete(first.window_id, "f", NOW + 61)
+        later = await store.add("r", 60, 10, item(1), NOW + 101)
+        assert not later.duplicate
+        assert later.window_id != first.window_id
+
+    for store in (MemoryDigestStore(retention_seconds=100), SqliteDigestStore(":memory:", 100)):
+
+        async def main(store: DigestStore = store) -> None:
+            await scenario(store)
+            await store.aclose()
+
+        asyncio.run(main())
+
+
+def test_an_event_during_the_send_opens_the_next_window(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        first = await store.add("r", 60, 10, item(1), NOW)
+        assert await store.claim(first.window_id, "flusher", 30, NOW + 60) is Claim.CLAIMED
+        during = await store.add("r", 60, 10, item(2), NOW + 60.5)
+        assert during.window_id == f"r:{int((NOW + 60.5) * 1000)}"
+        assert during.opened
+        assert during.previous_closed_at == pytest.approx(NOW + 60)
+        assert (await store.read(first.window_id)).summary.count == 1
+        assert (await store.read(during.window_id)).summary.items == [item(2)]
+
+    run(opener, scenario)
+
+
+def test_windows_opened_in_the_same_millisecond_get_distinct_ids(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        first = await store.add("r", 60, 10, item(1), NOW)
+        await store.claim(first.window_id, "flusher", 30, NOW)
+        second = await store.add("r", 60, 10, item(2), NOW)
+        assert second.opened
+        assert second.window_id == f"r:{int(NOW * 1000) + 1}"
+
+    run(opener, scenario)
+
+
+def test_due_lists_open_windows_once_their_time_has_come(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        early = await store.add("early", 60, 10, item(1), NOW)
+        late = await store.add("late", 120, 10, item(1), NOW)
+        assert await store.due(NOW + 59, 10) == []
+        assert await store.due(NOW + 60, 10) == [early.window_id]
+        assert await store.due(NOW + 200, 10) == [early.window_id, late.window_id]
+        assert await store.due(NOW + 200, 1) == [early.window_id]
+
+    run(opener, scenario)
+
+
+def test_claim_complete_cycle(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        window = (await store.add("r", 60, 10, item(1), NOW)).window_id
+        assert await store.claim(window, "a", 30, NOW + 60) is Claim.CLAIMED
+        assert await store.claim(window, "b", 30, NOW + 61) is Claim.IN_FLIGHT
+        assert await store.claim(window, "a", 30, NOW + 61) is Claim.CLAIMED  # its own claim
+        assert (await store.read(window)).info.state is WindowState.SENDING
+        assert await store.due(NOW + 62, 10) == []
+        await store.complete(window, "a", NOW + 62)
+        assert await store.claim(window, "b", 30, NOW + 63) is Claim.DONE
+        assert await store.due(NOW + 10_000, 10) == []
+        assert (await store.read(window)).info.state is WindowState.DONE
+
+    run(opener, scenario)
+
+
+def test_a_released_window_is_due_at_once_and_stays_closed(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        window = (await store.add("r", 60, 10, item(1), NOW)).window_id
+        await store.claim(window, "a", 30, NOW + 60)
+        await store.release(window, "a", NOW + 61)
+        assert await store.due(NOW + 61, 10) == [window]
+        assert (await store.read(window)).info.state is WindowState.RELEASED
+        next_one = await store.add("r", 60, 10, item(2), NOW + 62)
+        assert next_one.window_id != window
+        assert next_one.opened
+        assert await store.claim(window, "b", 30, NOW + 63) is Claim.CLAIMED
+        await store.complete(window, "b", NOW + 64)
+        assert (await store.read(window)).summary.count == 1
+
+    run(opener, scenario)
+
+
+def test_release_by_another_owner_does_nothing(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        window = (await store.add("r", 60, 10, item(1), NOW)).window_id
+        await store.claim(window, "a", 30, NOW + 60)
+        await store.release(window, "intruder", NOW + 61)
+        assert await store.due(NOW + 61, 10) == []
+        assert await store.claim(window, "b", 30, NOW + 61) is Claim.IN_FLIGHT
+
+    run(opener, scenario)
+
+
+def test_completing_an_open_window_closes_it(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        window = (await store.add("r", 60, 10, item(1), NOW)).window_id
+        await store.complete(window, "a", NOW + 1)
+        after = await store.add("r", 60, 10, item(2), NOW + 2)
+        assert after.opened
+        assert after.window_id != window
+
+    run(opener, scenario)
+
+
+def test_two_concurrent_claimers_have_one_winner(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        window = (await store.add("r", 60, 10, item(1), NOW)).window_id
+        other = opener()  # a second instance on the same storage
+        try:
+            results = await asyncio.gather(
+                *(
+                    (store if i % 2 else other).claim(window, f"o{i}", 30, NOW + 60)
+                    for i in range(20)
+                )
+            )
+        finally:
+            if other is not store:
+                await other.aclose()
+        assert results.count(Claim.CLAIMED) == 1
+        assert results.count(Claim.IN_FLIGHT) == 19
+
+    run(opener, scenario)
+
+
+def test_an_expired_lease_makes_a_sending_window_due_again(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        window = (await store.add("r", 60, 10, item(1), NOW)).window_id
+        await store.claim(window, "crashed", 30, NOW + 60)
+        assert await store.due(NOW + 89, 10) == []
+        assert await store.due(NOW + 90, 10) == [window]
+        assert await store.claim(window, "b", 30, NOW + 90) is Claim.CLAIMED
+        assert await store.claim(window, "crashed", 30, NOW + 91) is Claim.IN_FLIGHT
+
+    run(opener, scenario)
+
+
+def test_pending_lists_every_window_not_yet_sent(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        sent = (await store.add("sent", 10, 10, item(1), NOW)).window_id
+        sending = (await store.add("sending", 20, 10, item(1), NOW)).window_id
+        for n in range(3):
+            await store.add("open", 30, 10, item(n), NOW + 1)
+        await store.claim(sent, "a", 30, NOW + 10)
+        await store.complete(sent, "a", NOW + 11)
+        await store.claim(sending, "a", 30, NOW + 20)
+        pending = await store.pending(NOW + 21)
+        assert [(p.route, p.events, p.state) for p in pending] == [
+            ("sending", 1, WindowState.SENDING),
+            ("open", 3, WindowState.OPEN),
+        ]
+        assert pending[0].window_id == sending
+        assert pending[1].opened_at == pytest.approx(NOW + 1)
+        assert pending[1].due_at == pytest.approx(NOW + 31)
+
+    run(opener, scenario)
+
+
+def test_an_unknown_window_is_done_and_cannot_be_read(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        assert await store.claim("r:1", "a", 30, NOW) is Claim.DONE
+        with pytest.raises(UnknownWindow):
+            await store.read("r:1")
+
+    run(opener, scenario)
+
+
+def varied_item(n: int) -> DigestItem:
+    """Every field the summary folds: types, sizes, missing times, unordered times, more
+    buckets than MAX_BUCKETS, and names whose common folder passes through multi-byte
+    characters (é and è share their first UTF-8 byte)."""
+    kinds = list(EventType)
+    folder = ("données/é/", "données/è/", "données/è/x/")[n % 3]
+    return DigestItem(
+        change_key=f"k{n}",
+        event_type=kinds[n % len(kinds)],
+        bucket=f"bucket-{n % 25}",
+        name=f"{folder}{n}.csv",
+        size=None if n % 7 == 0 else 2**40 + n,
+        time=None if n % 11 == 0 else T0 + timedelta(microseconds=(n * 7919) % 1_000_003),
+        content_type=None,
+    )
+
+
+def test_a_burst_of_20000_events_is_one_window_with_max_items_listed(opener: Opener) -> None:
+    events = 20_000
+
+    async def scenario(store: DigestStore) -> None:
+        started = time.perf_counter()
+        ids = {
+            (await store.add("r", 300, 100, varied_item(n), NOW + n / 1000)).window_id
+            for n in range(events)
+        }
+        elapsed = time.perf_counter() - started
+        log.info(
+            "digest adds",
+            extra={"store": type(store).__name__, "per_add_us": elapsed / events * 1e6},
+        )
+        assert len(ids) == 1
+        window = await store.read(ids.pop())
+        expected = DigestSummary.empty(100)
+        for n in range(events):
+            expected.add(varied_item(n))
+        assert window.summary.count == events
+        assert len(window.summary.items) == 100
+        assert window.summary.prefix == "données/"
+        assert window.summary == expected
+        assert window.info.events == events
+
+    run(opener, scenario)
+
+
+@pytest.mark.redis
+def test_a_redis_window_is_shared_by_a_new_client(tmp_path: Path) -> None:
+    async def scenario(url: str) -> None:
+        first = RedisDigestStore(Redis.from_url(url))
+        window = (await first.add("r", 60, 10, item(1), NOW)).window_id
+        await first.aclose()
+        second = RedisDigestStore(Redis.from_url(url))
+        joined = await second.add("r", 60, 10, item(2), NOW + 1)
+        assert (joined.window_id, joined.opened) == (window, False)
+        assert (await second.add("r", 60, 10, item(1), NOW + 2)).duplicate
+        assert [p.window_id for p in await second.pending(NOW + 2)] == [window]
+        assert (await second.read(window)).summary.items == [item(1), item(2)]
+        await second.aclose()
+
+    with redis_server(tmp_path) as url:
+        asyncio.run(scenario(url))
+
+
+_KILLED_WRITER = """
+import asyncio, os, signal, sys
+from tests.digests.test_stores import NOW, item
+from app.digests.sqlite_store import SqliteDigestStore
+
+async def main() -> None:
+    store = SqliteDigestStore.open(sys.argv[1])
+    for n in range(50):
+        await store.add("r", 300, 10, item(n), NOW + n)
+    os.kill(os.getpid(), signal.SIGKILL)  # no aclose, no checkpoint, no cleanup
+
+asyncio.run(main())
+"""
+
+
+def test_a_sqlite_window_survives_sigkill_with_every_event(tmp_path: Path) -> None:
+    path = str(tmp_path / "digests.db")
+    writer = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, path],
+        cwd=Path(__file__).parents[2],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+        capture_output=True,
+        check=False,
+    )
+    assert writer.returncode == -9, writer.stderr.decode()
+
+    async def scenario() -> None:
+        store = SqliteDigestStore.open(path)
+        pending = await store.pending(NOW + 60)
+        assert [(p.window_id, p.events) for p in pending] == [(f"r:{int(NOW * 1000)}", 50)]
+        window = await store.read(pending[0].window_id)
+        expected = DigestSummary.empty(10)
+        for n in range(50):
+            expected.add(item(n))
+        assert window.summary == expected
+        assert await store.due(NOW + 300, 10) == [pending[0].window_id]
+        assert (await store.add("r", 300, 10, item(3), NOW + 70)).duplicate
+        await store.aclose()
+
+    asyncio.run(scenario())
