@@ -45,7 +45,7 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()[:16]
 
 
-def _connect(path: str, cache_kib: int) -> sqlite3.Connection:
+def connect(path: str, cache_kib: int) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     # Bounded page cache: the table gains a row per event for 25 h, and SQLite's default 2 MiB
     # per connection would otherwise show up as memory growth. Misses read from the OS cache.
@@ -74,7 +74,7 @@ class SqliteStore:
         self.path = path
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = _connect(path, cache_kib=1024)
+        self._db = connect(path, cache_kib=1024)
         self._db.execute(_SCHEMA)
         self._claims = Leases()
         self._maintenance_db: sqlite3.Connection | None = None
@@ -127,7 +127,7 @@ class SqliteStore:
         """Purge expired records and checkpoint the WAL (in a worker thread)."""
         try:
             if self._maintenance_db is None:
-                self._maintenance_db = _connect(self.path, cache_kib=128)  # scans, no reuse
+                self._maintenance_db = connect(self.path, cache_kib=128)  # scans, no reuse
             db = self._maintenance_db
             expired = db.execute(
                 "SELECT key FROM done WHERE expires_at <= ? LIMIT ?", (now, PURGE_BATCH)

@@ -25,7 +25,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from app.delivery.sqlite_store import _connect
+from app.delivery.sqlite_store import connect
 from app.digests.store import (
     RETENTION_SECONDS,
     Added,
@@ -99,7 +99,7 @@ class SqliteDigestStore:
         self.retention_seconds = retention_seconds
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = _connect(path, cache_kib=1024)
+        self._db = connect(path, cache_kib=1024)
         self._db.executescript(_SCHEMA)
         self._maintenance_db: sqlite3.Connection | None = None
         self._maintenance: asyncio.Future[None] | None = None
@@ -302,7 +302,7 @@ class SqliteDigestStore:
         """Purge expired change keys and done windows, checkpoint the WAL (in a worker thread)."""
         try:
             if self._maintenance_db is None:
-                self._maintenance_db = _connect(self.path, cache_kib=128)
+                self._maintenance_db = connect(self.path, cache_kib=128)
             db = self._maintenance_db
             changes = db.execute(
                 "SELECT key FROM digest_changes WHERE expires_at <= ? LIMIT ?", (now, PURGE_BATCH)
