@@ -147,12 +147,22 @@ class SqliteStore:
             log.warning("sqlite maintenance failed", extra={"reason": str(error)})
 
     async def aclose(self) -> None:
-        if self._maintenance is not None:
-            await self._maintenance
-        if self._maintenance_db is not None:
-            self._maintenance_db.close()
-        try:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as error:
-            log.warning("sqlite checkpoint at shutdown failed", extra={"reason": str(error)})
-        self._db.close()
+        await close(self._db, self._maintenance_db, self._maintenance)
+
+
+async def close(
+    db: sqlite3.Connection,
+    maintenance_db: sqlite3.Connection | None,
+    maintenance: asyncio.Future[None] | None,
+) -> None:
+    """Shut a store down: let its background maintenance finish, then checkpoint the WAL into
+    the database file (so a restart reads one file) and close both connections."""
+    if maintenance is not None:
+        await maintenance
+    if maintenance_db is not None:
+        maintenance_db.close()
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error as error:
+        log.warning("sqlite checkpoint at shutdown failed", extra={"reason": str(error)})
+    db.close()

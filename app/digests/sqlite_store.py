@@ -25,7 +25,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from app.delivery.sqlite_store import connect
+from app.delivery.sqlite_store import close, connect
 from app.digests.store import (
     RETENTION_SECONDS,
     Added,
@@ -328,12 +328,4 @@ class SqliteDigestStore:
             log.warning("sqlite digest maintenance failed", extra={"reason": str(error)})
 
     async def aclose(self) -> None:
-        if self._maintenance is not None:
-            await self._maintenance
-        if self._maintenance_db is not None:
-            self._maintenance_db.close()
-        try:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as error:
-            log.warning("sqlite checkpoint at shutdown failed", extra={"reason": str(error)})
-        self._db.close()
+        await close(self._db, self._maintenance_db, self._maintenance)
