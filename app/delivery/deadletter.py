@@ -7,15 +7,13 @@ extension attributes saying why and when, so a replay posts the very same event 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from app.events.models import StorageEvent
+from app.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +46,9 @@ class DeadLetterBox:
         """Write atomically; raises OSError, which the caller must treat as transient."""
         now = datetime.now(UTC)
         document = structured_event(event, reason, now)
-        self.directory.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256(event.change_key().encode()).hexdigest()[:16]
         final = self.directory / f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{digest}.json"
-        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                json.dump(document, file, ensure_ascii=False, indent=2)
-            os.replace(temporary, final)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_json(final, document)
         # Also in the log, whole: on Cloud Run the folder lives in the instance's memory.
         log.error(
             "event dead-lettered",

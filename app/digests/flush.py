@@ -26,10 +26,7 @@ again by another flush.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -42,6 +39,7 @@ from app.digests.render import render_digest
 from app.digests.store import Added, Claim, DigestStore, DigestWindow
 from app.digests.window import DigestItem
 from app.events.models import StorageEvent
+from app.files import write_json
 from app.notify.base import (
     Notification,
     Notifier,
@@ -90,18 +88,10 @@ class DigestDeadLetterFolder:
             "dead_lettered_at": now.isoformat().replace("+00:00", "Z"),
             "summary": summary_json,
         }
-        self.directory.mkdir(parents=True, exist_ok=True)
         # The window id holds the route's name, which need not be a valid file name.
         digest = hashlib.sha256(window_id.encode()).hexdigest()[:16]
         final = self.directory / f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-digest-{digest}.json"
-        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                json.dump(document, file, ensure_ascii=False, indent=2)
-            os.replace(temporary, final)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_json(final, document)
         # Also in the log, whole: on Cloud Run the folder lives in the instance's memory.
         log.error(
             "digest dead-lettered",

@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 
+from app.files import write_atomically
 from app.notify.base import Notification, Receipt, TransientDeliveryError
 
 log = logging.getLogger(__name__)
@@ -113,23 +112,12 @@ class OutboxNotifier:
             self.directory.mkdir(parents=True, exist_ok=True)
             for recipient, message in copies:
                 target = self.directory / file_name(key, recipient)
-                self._write(target, message.as_bytes())
+                write_atomically(target, message.as_bytes())
                 written.append(target)
         except OSError as error:
             self._remove(written)
             raise OutboxWriteError(target, error) from error
         return written
-
-    def _write(self, final: Path, payload: bytes) -> None:
-        # Write then rename: a reader never sees half a message (rename is atomic on POSIX).
-        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                file.write(payload)
-            os.replace(temporary, final)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
 
     def _remove(self, paths: list[Path]) -> None:
         for path in paths:
