@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import quote
 
-from app.events.models import StorageEvent
+from app.events.models import EventType, StorageEvent
 
 SUBJECT_LIMIT = 200
 # Unicode category Cc (C0, DEL, C1), the line and paragraph separators (a mail client may break a
@@ -28,6 +29,13 @@ _CONTROLS = re.compile(
 _SPACES = re.compile(r"\s+")
 _HTML_SPECIAL = re.compile("[&<>\"']")
 _UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+# What happened, in the words of the email ("gs://b/n was uploaded.") and of templates (`verb`).
+VERBS: Mapping[EventType, str] = {
+    EventType.FINALIZED: "was uploaded",
+    EventType.DELETED: "was deleted",
+    EventType.ARCHIVED: "was archived (it is now a noncurrent version)",
+    EventType.METADATA_UPDATED: "had its metadata updated",
+}
 
 
 @dataclass(frozen=True, slots=True)

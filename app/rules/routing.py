@@ -15,12 +15,11 @@ from pathlib import Path
 
 from app.events.models import StorageEvent
 from app.notify.base import Notification
-from app.notify.render import render
+from app.notify.render import VERBS, render
 from app.rules.base import Routed, Unrouted
 from app.rules.match import Matcher, describe
 from app.rules.model import RouteSpec, Rules, RulesError, load_rules
 from app.rules.templates import (
-    VERBS,
     RouteTemplates,
     TemplateProblem,
     compile_route_templates,

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 from app.events.models import EventType, StorageEvent, StorageObjectData
 from app.notify.render import (
     SUBJECT_LIMIT,
+    VERBS,
     Rendered,
     console_url,
     escape_html,
@@ -72,13 +73,6 @@ VARIABLES = frozenset(
         "route",
     }
 )
-# The words of today's email (app/delivery/routes.py).
-VERBS: Mapping[EventType, str] = {
-    EventType.FINALIZED: "was uploaded",
-    EventType.DELETED: "was deleted",
-    EventType.ARCHIVED: "was archived (it is now a noncurrent version)",
-    EventType.METADATA_UPDATED: "had its metadata updated",
-}
 # Values taken from the event as sent: shown with `visible` in the text and HTML parts.
 _EVENT_STRINGS = ("bucket", "name", "content_type", "event_id")
 _TEMPLATE_FILE = "<template>"  # the file name Jinja2 gives a template made from a string

@@ -18,10 +18,9 @@ from typing import Any
 import pytest
 
 from app.events.models import EventType, StorageEvent, StorageObjectData
-from app.notify.render import SUBJECT_LIMIT, Rendered, console_url, render, visible
+from app.notify.render import SUBJECT_LIMIT, VERBS, Rendered, console_url, render, visible
 from app.rules.templates import (
     VARIABLES,
-    VERBS,
     TemplateProblem,
     compile_route_templates,
     footer,
