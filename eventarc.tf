@@ -162,6 +162,17 @@ variable "alert_notification_channels" {
   default     = []
 }
 
+variable "digest_schedule" {
+  description = "How often Cloud Scheduler calls POST /digests/flush, in unix-cron format (minute hour day-of-month month day-of-week, UTC). On Cloud Run the CPU is throttled between requests, so the service's own flush timer cannot be relied on: this job is what sends a digest route's windows when they close. Empty: no job (for a rules file without digest routes)."
+  type        = string
+  default     = "* * * * *"
+
+  validation {
+    condition     = var.digest_schedule == "" || can(regex("^[^ ]+( [^ ]+){4}$", var.digest_schedule))
+    error_message = "digest_schedule must be five cron fields separated by single spaces, such as \"* * * * *\" (every minute) or \"*/5 * * * *\", or empty for no job."
+  }
+}
+
 variable "deletion_protection" {
   description = "Refuse `terraform destroy` of the Cloud Run service (the provider's default is true)."
   type        = bool
@@ -229,6 +240,7 @@ locals {
   apis = toset([
     "artifactregistry.googleapis.com",
     "cloudbuild.googleapis.com",
+    "cloudscheduler.googleapis.com",
     "eventarc.googleapis.com",
     "iam.googleapis.com",
     "monitoring.googleapis.com",
@@ -571,6 +583,58 @@ resource "google_eventarc_trigger" "storage" {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Digests (README, "Digests on Cloud Run"): a digest route's window closes with no event to wake
+# the service, and between requests Cloud Run throttles the CPU (cpu_idle above), so the service's
+# own flush timer may not run. Cloud Scheduler calls POST /digests/flush every minute instead,
+# with the trigger account's OIDC token for the same audience the service checks on events: the
+# flush is protected exactly like POST / (EVENT_AUTH), and that account already holds
+# roles/run.invoker on the service. Cloud Scheduler docs ("Use authentication with HTTP
+# targets"): the token's account must be in the job's project and hold the invoker role, and the
+# Cloud Scheduler service agent mints the token with the role roles/cloudscheduler.serviceAgent,
+# granted when the API is enabled; no other grant is needed. Whoever runs `terraform apply` needs
+# iam.serviceAccounts.actAs on the trigger account (a project Owner has it).
+# ---------------------------------------------------------------------------------------------
+
+resource "google_cloud_scheduler_job" "digest_flush" {
+  count = var.digest_schedule == "" ? 0 : 1
+
+  name        = "${var.service}-digest-flush"
+  description = "Sends the due digest windows of ${var.service} (POST /digests/flush)."
+  region      = google_cloud_run_v2_service.notifier.location
+  schedule    = var.digest_schedule
+  time_zone   = "Etc/UTC"
+
+  # Well below the service's 60 s request timeout, so Cloud Scheduler gives up (and retries)
+  # before Cloud Run cuts the request. A window that was not sent stays pending for the next
+  # call, and a flush claims each window with a lease, so overlapping calls or a retry never
+  # send one twice.
+  attempt_deadline = "30s"
+
+  # A failed call (a cold start refused, a deploy in progress) is tried again within the minute.
+  retry_config {
+    retry_count          = 3
+    min_backoff_duration = "5s"
+    max_backoff_duration = "20s"
+    max_doublings        = 2
+  }
+
+  http_target {
+    http_method = "POST"
+    uri         = "${google_cloud_run_v2_service.notifier.uri}/digests/flush"
+
+    oidc_token {
+      service_account_email = google_service_account.trigger.email
+      audience              = local.event_audience
+    }
+  }
+
+  depends_on = [
+    google_project_service.apis,
+    google_cloud_run_v2_service_iam_member.trigger_invokes,
+  ]
+}
+
+# ---------------------------------------------------------------------------------------------
 # Eventarc drops an event 24 hours after it was published if the service never answered 2xx
 # (Eventarc docs, "Retry events"). A dead-letter topic would need settings on the subscription
 # Eventarc creates and owns, which google_eventarc_trigger does not expose; so each trigger's
@@ -629,6 +693,11 @@ output "trigger_names" {
 output "event_audience" {
   description = "The audience the service accepts in the trigger's token (EVENT_AUDIENCE)."
   value       = local.event_audience
+}
+
+output "digest_flush_job" {
+  description = "Cloud Scheduler job that calls POST /digests/flush (null when digest_schedule is empty)."
+  value       = one(google_cloud_scheduler_job.digest_flush[*].name)
 }
 
 output "runtime_service_account" {
