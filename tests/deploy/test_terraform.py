@@ -42,6 +42,7 @@ REQUIRED_APIS = {
     "secretmanager.googleapis.com",
     "artifactregistry.googleapis.com",
     "cloudbuild.googleapis.com",
+    "cloudscheduler.googleapis.com",
 }
 
 Schema = dict[str, "Schema | None"]  # None: an attribute; a dict: a nested block
@@ -212,6 +213,33 @@ DOCUMENTED: dict[str, Schema] = {
                 },
             },
         },
+    },
+    "google_cloud_scheduler_job": {
+        "name": None,
+        "description": None,
+        "schedule": None,
+        "time_zone": None,
+        "paused": None,
+        "attempt_deadline": None,
+        "region": None,
+        "project": None,
+        "retry_config": {
+            "retry_count": None,
+            "max_retry_duration": None,
+            "min_backoff_duration": None,
+            "max_backoff_duration": None,
+            "max_doublings": None,
+        },
+        "http_target": {
+            "uri": None,
+            "http_method": None,
+            "body": None,
+            "headers": None,
+            "oauth_token": {"service_account_email": None, "scope": None},
+            "oidc_token": {"service_account_email": None, "audience": None},
+        },
+        "pubsub_target": {"topic_name": None, "data": None, "attributes": None},
+        "app_engine_http_target": None,
     },
     "data.google_project": {"project_id": None},
     "data.google_storage_bucket": {"name": None, "project": None},
@@ -760,6 +788,106 @@ def test_each_triggers_subscription_alerts_long_before_eventarc_drops_events(
     assert policy["notification_channels"] == "${var.alert_notification_channels}"
 
 
+# --------------------------------------------------------------------------------------------
+# Digests: Cloud Scheduler calls POST /digests/flush (CPU is throttled between requests)
+# --------------------------------------------------------------------------------------------
+
+
+def flush_job(tf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return only(of_type(tf, "google_cloud_scheduler_job"))
+
+
+def flush_target(tf: dict[str, Any]) -> dict[str, Any]:
+    _, job = flush_job(tf)
+    target: dict[str, Any] = single(job["http_target"])
+    return target
+
+
+def seconds(duration: str) -> float:
+    """A Cloud Scheduler duration ("30s", "3.5s") in seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d{1,9})?)s", duration)
+    assert match, duration
+    return float(match[1])
+
+
+def test_a_scheduler_job_flushes_digests_every_minute_by_default(tf: dict[str, Any]) -> None:
+    variable = blocks(tf, "variable")["digest_schedule"]
+    assert variable["type"] == "string"
+    assert variable["default"] == "* * * * *"
+    _, job = flush_job(tf)
+    assert job["schedule"] == "${var.digest_schedule}"
+    assert job["time_zone"] == "Etc/UTC"
+    service_address, _ = service(tf)
+    assert job["region"] == "${" + service_address + ".location}"
+    assert job.get("paused") in (None, False)
+
+
+def test_no_scheduler_job_when_digest_schedule_is_empty(tf: dict[str, Any]) -> None:
+    _, job = flush_job(tf)
+    assert job["count"] == '${var.digest_schedule == "" ? 0 : 1}'
+    # The output must not index a job that does not exist.
+    address, _ = flush_job(tf)
+    assert blocks(tf, "output")["digest_flush_job"]["value"] == f"${{one({address}[*].name)}}"
+
+
+def test_digest_schedule_is_five_cron_fields_or_empty(tf: dict[str, Any]) -> None:
+    passes = version_rule(tf, "digest_schedule")
+    for accepted in ("", "* * * * *", "*/5 * * * *", "0 9 * * 1-5", "0,30 * * * *"):
+        assert passes(accepted), accepted
+    for refused in ("* * * *", "* * * * * *", " * * * * *", "*  * * * *", "every 1 mins"):
+        assert not passes(refused), refused
+
+
+def test_the_job_posts_to_the_services_flush_route(tf: dict[str, Any]) -> None:
+    service_address, _ = service(tf)
+    target = flush_target(tf)
+    assert target["http_method"] == "POST"
+    assert target["uri"] == "${" + service_address + ".uri}/digests/flush"
+
+
+def test_the_job_calls_as_the_trigger_account_for_the_events_audience(
+    tf: dict[str, Any],
+) -> None:
+    # POST /digests/flush is protected exactly like POST /: the same invoker (EVENT_INVOKERS),
+    # the same audience (EVENT_AUDIENCE), and on a private service the same run.invoker grant.
+    target = flush_target(tf)
+    assert "oauth_token" not in target, "an OAuth token is for Google APIs, not Cloud Run"
+    token = single(target["oidc_token"])
+    assert token["service_account_email"] == env(tf)["EVENT_INVOKERS"]["value"]
+    assert token["service_account_email"] == account_email(tf, "trigger")
+    assert token["audience"] == env(tf)["EVENT_AUDIENCE"]["value"] == "${local.event_audience}"
+    trigger_member = "serviceAccount:" + account_email(tf, "trigger")
+    (invoker,) = [
+        address
+        for address, grant in grants(
+            tf, "google_cloud_run_v2_service_iam_member", "roles/run.invoker"
+        ).items()
+        if grant["member"] == trigger_member
+    ]
+    _, job = flush_job(tf)
+    assert "${" + invoker + "}" in job["depends_on"], "the first call must not meet a 403"
+
+
+def test_the_job_gives_up_and_retries_before_the_service_times_out(tf: dict[str, Any]) -> None:
+    _, body = service(tf)
+    request_timeout = seconds(single(body["template"])["timeout"])
+    _, job = flush_job(tf)
+    deadline = seconds(job["attempt_deadline"])
+    assert 15 <= deadline <= request_timeout / 2, "HTTP targets allow 15 s to 30 min"
+    retry = single(job["retry_config"])
+    assert 1 <= retry["retry_count"] <= 5, "Cloud Scheduler allows 0 to 5"
+    assert seconds(retry["min_backoff_duration"]) <= seconds(retry["max_backoff_duration"])
+    assert seconds(retry["max_backoff_duration"]) < 60, "retries land before the next run"
+
+
+def test_seconds_reads_cloud_scheduler_durations() -> None:
+    assert seconds("30s") == 30
+    assert seconds("3.5s") == 3.5
+    for bad in ("30", "1m", "s", "-5s"):
+        with pytest.raises(AssertionError):
+            seconds(bad)
+
+
 def test_required_apis_are_enabled(tf: dict[str, Any]) -> None:
     _, api = only(of_type(tf, "google_project_service"))
     reference = re.fullmatch(r"\$\{local\.(\w+)\}", api["for_each"])
@@ -780,6 +908,7 @@ def test_inputs_are_variables(tf: dict[str, Any]) -> None:
     expected |= {"deletion_protection", "create_triggers", "cloud_build_service_account"}
     expected |= {"alert_after_seconds", "alert_notification_channels"}
     expected |= {"rules_secret", "rules_secret_version"}
+    expected |= {"digest_schedule"}
     assert expected <= set(declared)
     for name, variable in declared.items():
         assert variable.get("description"), f"variable {name} has no description"
