@@ -17,6 +17,15 @@ Reading rules, decided here:
   (powers of 1000), KiB, MiB, GiB, TiB (powers of 1024); units in any case, a space allowed.
   Fractions ("1.5KiB") are refused with the whole-byte spelling to write instead; negative
   numbers and numbers beyond 2**63 - 1 are refused. `min_size` and `max_size` are inclusive.
+- Durations (`digest.window`, `rate.per`) are a whole number and a unit: s, m, h or d ("30s",
+  "5m", "1h", "1d"; a space allowed), or a bare whole number of seconds. Fractions ("1.5h"),
+  negative numbers, other units ("5 minutes", "1w") and spellings like "5M" are refused, saying
+  what to write instead ("90m", "5m", "7d"); zero is below every range. `digest.window` is 10s to
+  7d, `rate.per` 1s to 7d.
+- `digest` (window:, max_items: 0 to 1000, default 100, leading: default false) and `rate` (max:
+  1 to 100000, per:) are optional mappings; neither goes with `drop: true`, and a route takes one
+  of them, not both (a digest route already sends at most one email per window). A digest route's
+  subject, text and html are digest templates (app.rules.templates.compile_digest_templates).
 - Duplicate keys are errors. Anchors, aliases and merge keys (`<<: *common`) work; a key written
   beside a merge overrides the merged one. YAML tags other than the standard `!!` ones are refused.
 
@@ -112,6 +121,26 @@ class Conditions:
         return tuple(key for key in CONDITION_KEYS if getattr(self, key) is not None)
 
 
+@dataclass(frozen=True, slots=True)
+class DigestSpec:
+    """`digest:`: a route's matching events are gathered for `window_seconds` and sent as one
+    email listing the first `max_items` objects; with `leading`, the first event after a quiet
+    window goes out at once, alone."""
+
+    window_seconds: float
+    max_items: int = 100
+    leading: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RateSpec:
+    """`rate:`: at most `max` emails per period of `per_seconds`; the rest of a period's events go
+    out as one digest when it ends."""
+
+    max: int
+    per_seconds: float
+
+
 @dataclass(frozen=True)
 class RouteSpec:
     name: str
@@ -128,6 +157,8 @@ class RouteSpec:
     # field -> 1-based file line of the template's first line: line N of a template is file line
     # template_lines[field] + N - 1 for literal block scalars (`|`) and one-line values.
     template_lines: dict[str, int] = field(default_factory=dict, hash=False)
+    digest: DigestSpec | None = None
+    rate: RateSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -137,7 +168,21 @@ class Rules:
 
 
 TOP_KEYS = ("version", "routes")
-ROUTE_KEYS = ("name", "match", "not", "to", "drop", "continue", "subject", "text", "html")
+ROUTE_KEYS = (
+    "name",
+    "match",
+    "not",
+    "to",
+    "drop",
+    "continue",
+    "subject",
+    "text",
+    "html",
+    "digest",
+    "rate",
+)
+DIGEST_KEYS = ("window", "max_items", "leading")
+RATE_KEYS = ("max", "per")
 CONDITION_KEYS = (
     "events",
     "bucket",
@@ -153,6 +198,11 @@ TEMPLATE_KEYS = ("subject", "text", "html")
 VERSION = 1
 MAX_SIZE = 2**63 - 1  # Cloud Storage sizes are int64
 ROUTE_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
+# (least, most) of each ranged value.
+DIGEST_WINDOW = (10, 7 * 86400)
+DIGEST_MAX_ITEMS = (0, 1000)
+RATE_MAX = (1, 100_000)
+RATE_PER = (1, 7 * 86400)
 
 
 # --- sizes ---------------------------------------------------------------------------------
@@ -220,6 +270,63 @@ def size_text(size: int) -> str:
             if size % scale == 0:
                 return f"{size // scale} {unit}"
     return "1 byte" if size == 1 else f"{size} bytes"
+
+
+# --- durations -----------------------------------------------------------------------------
+
+DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+# Other ways people write a unit, read only to say which spelling to use instead.
+_UNIT_WORDS = {
+    **dict.fromkeys(("sec", "secs", "second", "seconds"), 1),
+    **dict.fromkeys(("min", "mins", "minute", "minutes"), 60),
+    **dict.fromkeys(("hr", "hrs", "hour", "hours"), 3600),
+    **dict.fromkeys(("day", "days"), 86400),
+    **dict.fromkeys(("w", "wk", "wks", "week", "weeks"), 7 * 86400),
+}
+_DURATION = re.compile(r"([-+]?)(\d+(?:_\d+)*)(?:\.(\d+))?\s*([A-Za-z]*)")
+_DIGEST_EXAMPLE = ' like "digest: {window: 5m}"'
+_RATE_EXAMPLE = ' like "rate: {max: 20, per: 1h}"'
+_PER_HELP = 'how long a period is, like "per: 1h"'
+_DURATION_HELP = 'a whole number and s, m, h or d, like "30s", "5m", "1h", "1d"'
+
+
+def parse_duration(value: object) -> int:
+    """300, "30s", "5m", "1h", "1d" -> whole seconds (0 included: ranges are the caller's);
+    ValueError with a one-line reason, saying what to write, otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"not a duration: {_shown(value)} (write {_DURATION_HELP})")
+    text = str(value).strip()
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a duration: {_shown(text)} (write {_DURATION_HELP})")
+    sign, whole, point, unit = (str(group or "") for group in match.groups())
+    digits = whole.replace("_", "") + point  # the number without its decimal point
+    if len(digits) > 30:  # int() refuses huge strings with its own error
+        raise ValueError(f"{_shown(text)} is far too long (write {_DURATION_HELP})")
+    scale = DURATION_UNITS.get(unit or "s")
+    if scale is None:  # "5M", "5 minutes": told what to write below
+        scale = DURATION_UNITS.get(unit.lower()) or _UNIT_WORDS.get(unit.lower())
+    if scale is None:
+        raise ValueError(f"unknown unit {_shown(unit)} in {_shown(text)} (write {_DURATION_HELP})")
+    numerator, denominator = int(digits) * scale, int("1" + "0" * len(point))
+    if sign == "-" and numerator:
+        raise ValueError(f"{_shown(text)} is negative (write {_DURATION_HELP})")
+    if numerator % denominator:
+        raise ValueError(
+            f"{_shown(text)} is not a whole number of seconds (write {_DURATION_HELP})"
+        )
+    seconds = numerator // denominator
+    if point or sign or (unit and unit not in DURATION_UNITS):
+        raise ValueError(f"write {_shown(duration_text(seconds))} for {_shown(text)}")
+    return seconds
+
+
+def duration_text(seconds: int) -> str:
+    """Seconds in the largest unit that holds them whole: 300 -> "5m", 90 -> "90s", 0 -> "0s"."""
+    for unit, scale in DURATION_UNITS.items():
+        if seconds and seconds % scale == 0:
+            return f"{seconds // scale}{unit}"
+    return f"{seconds}s"
 
 
 # --- globs ---------------------------------------------------------------------------------
@@ -336,6 +443,7 @@ _SCALAR_TAGS = frozenset(
 _BOOL = _STANDARD_TAG + "bool"
 _MERGE = _STANDARD_TAG + "merge"
 _TRUE = frozenset({"true", "yes", "on", "y"})
+_WHOLE = re.compile(r"\d+(?:_\d+)*")
 _EVENT_NAMES = {member.short: member for member in EventType} | {
     member.value: member for member in EventType
 }
@@ -540,6 +648,9 @@ class _Reader:
             return message + _suggest(key, CONDITION_KEYS)[:-2] + ' under "match:"?)'
         if field in ("match", "not") and key in ROUTE_KEYS:
             return message + f' (it belongs to the route, beside "{field}:")'
+        for section, keys in (("digest", DIGEST_KEYS), ("rate", RATE_KEYS)):
+            if key in keys and field != section and (at_route or field in ("digest", "rate")):
+                return message + f' (it goes under "{section}:")'
         return message + " (valid keys: " + ", ".join(allowed) + ")"
 
     def check_tag(self, node: Node, field: str | None) -> None:
@@ -585,6 +696,8 @@ class _Reader:
         drop = continue_ = False
         templates: dict[str, str] = {}
         template_lines: dict[str, int] = {}
+        digest: DigestSpec | None = None
+        rate: RateSpec | None = None
         for key, (_, value) in entries.items():
             if key == "match":
                 match = self.conditions(value, "match")
@@ -598,6 +711,10 @@ class _Reader:
                 drop = self.boolean(value, "drop")
             elif key == "continue":
                 continue_ = self.boolean(value, "continue")
+            elif key == "digest":
+                digest = self.digest(value)
+            elif key == "rate":
+                rate = self.rate(value)
             elif key in TEMPLATE_KEYS:
                 if not isinstance(value, ScalarNode) or value.tag == _NULL:
                     raise self.fail(
@@ -627,9 +744,22 @@ class _Reader:
                     raise self.fail(
                         entries[key][0], key, "a dropped event emails nobody: remove the template"
                     )
+            for key in ("digest", "rate"):
+                if key in entries:
+                    raise self.fail(
+                        entries[key][0],
+                        key,
+                        f'a dropped event emails nobody: remove "{key}" or "drop"',
+                    )
         elif "to" not in entries:
             raise self.fail(
                 node, "to", 'missing: a route needs "to" (who to email) or "drop: true"'
+            )
+        if digest is not None and rate is not None:
+            raise self.fail(
+                entries["rate"][0],
+                "rate",
+                "a digest route already sends at most one email per window; use one of them",
             )
 
         return RouteSpec(
@@ -645,7 +775,41 @@ class _Reader:
             text=templates.get("text"),
             html=templates.get("html"),
             template_lines=template_lines,
+            digest=digest,
+            rate=rate,
         )
+
+    def digest(self, node: Node) -> DigestSpec:
+        if isinstance(node, ScalarNode) and node.tag == _NULL:
+            raise self.fail(
+                node,
+                "digest",
+                f"must be a mapping{_DIGEST_EXAMPLE} (omit it to send each event alone)",
+            )
+        entries = self.mapping(node, "digest", DIGEST_KEYS, what=_DIGEST_EXAMPLE)
+        if "window" not in entries:
+            raise self.fail(node, "digest.window", 'missing: write how long a window is, like "5m"')
+        window = self.duration(
+            entries["window"][1], "digest.window", DIGEST_WINDOW, "a digest window"
+        )
+        max_items = 100
+        if "max_items" in entries:
+            max_items = self.whole(entries["max_items"][1], "digest.max_items", DIGEST_MAX_ITEMS)
+        leading = False
+        if "leading" in entries:
+            leading = self.boolean(entries["leading"][1], "digest.leading")
+        return DigestSpec(window_seconds=float(window), max_items=max_items, leading=leading)
+
+    def rate(self, node: Node) -> RateSpec:
+        if isinstance(node, ScalarNode) and node.tag == _NULL:
+            raise self.fail(node, "rate", f"must be a mapping{_RATE_EXAMPLE}")
+        entries = self.mapping(node, "rate", RATE_KEYS, what=_RATE_EXAMPLE)
+        for key, what in (("max", 'how many emails, like "max: 20"'), ("per", _PER_HELP)):
+            if key not in entries:
+                raise self.fail(node, f"rate.{key}", f"missing: write {what}")
+        limit = self.whole(entries["max"][1], "rate.max", RATE_MAX)
+        per = self.duration(entries["per"][1], "rate.per", RATE_PER, "a rate period")
+        return RateSpec(max=limit, per_seconds=float(per))
 
     def conditions(self, node: Node, field: str) -> Conditions:
         if isinstance(node, ScalarNode) and node.tag == _NULL:
@@ -769,6 +933,44 @@ class _Reader:
                 raise self.fail(item, "to", f"{error}{hint}") from None
             addresses[address] = None
         return tuple(addresses)
+
+    def duration(self, node: Node, field: str, bounds: tuple[int, int], what: str) -> int:
+        low, high = bounds
+        if not isinstance(node, ScalarNode) or node.tag in (_NULL, _BOOL):
+            raise self.fail(
+                node, field, f"must be a duration, not {_kind(node)} (write {_DURATION_HELP})"
+            )
+        try:
+            seconds = parse_duration(node.value)
+        except ValueError as error:
+            raise self.fail(node, field, str(error)) from None
+        if seconds < low:
+            raise self.fail(
+                node,
+                field,
+                f"{_shown(node.value)} is too short: {what} is at least {duration_text(low)}",
+            )
+        if seconds > high:
+            raise self.fail(
+                node,
+                field,
+                f"{_shown(node.value)} is too long: {what} is at most {duration_text(high)}",
+            )
+        return seconds
+
+    def whole(self, node: Node, field: str, bounds: tuple[int, int]) -> int:
+        low, high = bounds
+        wanted = f"a whole number from {low} to {high}"
+        if (
+            not isinstance(node, ScalarNode)
+            or node.tag in (_NULL, _BOOL)
+            or not _WHOLE.fullmatch(node.value)
+        ):
+            raise self.fail(node, field, f"must be {wanted}, not {_kind(node)}")
+        digits = node.value.replace("_", "")
+        if len(digits) > 20 or not low <= int(digits) <= high:
+            raise self.fail(node, field, f"{_shown(node.value)} is out of range: write {wanted}")
+        return int(digits)
 
     def boolean(self, node: Node, field: str) -> bool:
         if not isinstance(node, ScalarNode) or node.tag != _BOOL:

@@ -350,7 +350,7 @@ BAD_FILES = [
         "unknown key without a close one",
         one_route("name: a\nzzz: 1\ndrop: true"),
         'rules.yaml:4: route "a": zzz: unknown key "zzz" (valid keys: name, match, not, to, drop, '
-        "continue, subject, text, html)",
+        "continue, subject, text, html, digest, rate)",
     ),
     (
         "misspelled top-level key",
