@@ -8,11 +8,13 @@ Eventarc needs for Cloud Storage events (Eventarc docs, "Route Cloud Storage eve
 from __future__ import annotations
 
 import re
+import shlex
 from typing import Any
 
 import pytest
 
 from tests.deploy.artifacts import (
+    ROOT,
     blocks,
     dynamic,
     load_terraform,
@@ -886,6 +888,65 @@ def test_seconds_reads_cloud_scheduler_durations() -> None:
     for bad in ("30", "1m", "s", "-5s"):
         with pytest.raises(AssertionError):
             seconds(bad)
+
+
+def readme_shell_blocks() -> list[list[list[str]]]:
+    """The README's ```sh blocks, each as its commands (backslash continuations joined, comments
+    dropped) split into words the way the shell would."""
+    text = (ROOT / "README.md").read_text()
+    found = []
+    for block in re.findall(r"^```sh\n(.*?)^```$", text, re.M | re.S):
+        lines = block.replace("\\\n", " ").splitlines()
+        found.append([words for line in lines if (words := shlex.split(line, comments=True))])
+    return found
+
+
+def flags(words: list[str]) -> dict[str, str]:
+    found = {}
+    for word in words:
+        if word.startswith("--"):
+            name, equals, value = word.removeprefix("--").partition("=")
+            assert equals, word
+            found[name] = value
+    return found
+
+
+def test_the_readmes_gcloud_job_is_the_terraform_job(tf: dict[str, Any]) -> None:
+    # The gcloud-only path (README, "Digests on Cloud Run") must make the job Terraform makes.
+    create = ["gcloud", "scheduler", "jobs", "create", "http"]
+    (block,) = [b for b in readme_shell_blocks() if any(c[:5] == create for c in b)]
+    (command,) = [c for c in block if c[:5] == create]
+    given = flags(command)
+    _, job = flush_job(tf)
+    service_name = blocks(tf, "variable")["service"]["default"]
+    assert command[5] == job["name"].replace("${var.service}", service_name)
+    assert given["location"] == "$REGION"
+    assert given["schedule"] == blocks(tf, "variable")["digest_schedule"]["default"]
+    assert given["time-zone"] == job["time_zone"]
+    assert given["http-method"] == flush_target(tf)["http_method"]
+    assert given["oidc-service-account-email"] == "$TRIGGER_SA"
+    # The audience is the deterministic URL (EVENT_AUDIENCE); the job posts to its flush route.
+    audience = given["oidc-token-audience"]
+    assert given["uri"] == audience + "/digests/flush"
+    assignments = dict(c[0].split("=", 1) for c in block if re.fullmatch(r"[A-Z_]+=\S*", c[0]))
+    assert audience == "$URL"
+    assert assignments["URL"] == "https://" + service_name + "-$PROJECT_NUMBER.$REGION.run.app"
+    assert given["attempt-deadline"] == job["attempt_deadline"]
+    retry = single(job["retry_config"])
+    assert int(given["max-retry-attempts"]) == retry["retry_count"]
+    assert given["min-backoff"] == retry["min_backoff_duration"]
+    assert given["max-backoff"] == retry["max_backoff_duration"]
+    assert int(given["max-doublings"]) == retry["max_doublings"]
+
+
+def test_the_readme_enables_every_api_terraform_enables(tf: dict[str, Any]) -> None:
+    _, api = only(of_type(tf, "google_project_service"))
+    listed = locals_(tf)[api["for_each"].removeprefix("${local.").removesuffix("}")]
+    enabled = set(re.findall(r'"([a-z]+\.googleapis\.com)"', listed))
+    enable = ["gcloud", "services", "enable"]
+    commands = [c for b in readme_shell_blocks() for c in b if c[:3] == enable]
+    assert commands, "README, Prerequisites: gcloud services enable ..."
+    assert enabled <= set(commands[0][3:])
 
 
 def test_required_apis_are_enabled(tf: dict[str, Any]) -> None:
