@@ -12,10 +12,13 @@ from app.digests.store import (
     Added,
     Claim,
     DigestWindow,
+    Taken,
     UnknownWindow,
     WindowInfo,
     WindowState,
     change_digest,
+    check_rate,
+    leads,
     next_opened_ms,
     window_id,
 )
@@ -33,6 +36,7 @@ class _Window:
     owner: str | None = None
     ready_at: float = 0.0  # when `due` lists it: due_at, lease end, or release time
     expires_at: float | None = None  # done windows only
+    leading: bytes | None = None  # the change digest of its leading change, if it had one
 
     def info(self) -> WindowInfo:
         return WindowInfo(
@@ -53,18 +57,28 @@ class MemoryDigestStore:
     _windows: dict[str, _Window] = field(default_factory=dict)
     _routes: dict[str, _Route] = field(default_factory=dict)
     _changes: dict[bytes, tuple[str, float]] = field(default_factory=dict)  # -> window, expiry
+    _periods: dict[str, tuple[float, int]] = field(default_factory=dict)  # route -> end, used
     _adds: int = 0
 
     async def add(
-        self, route: str, window_seconds: float, max_items: int, item: DigestItem, now: float
+        self,
+        route: str,
+        window_seconds: float,
+        max_items: int,
+        item: DigestItem,
+        now: float,
+        leading_after: float | None = None,
     ) -> Added:
         self._purge(now)
         state = self._routes.setdefault(route, _Route())
         key = change_digest(route, item.change_key)
         seen = self._changes.get(key)
         if seen is not None and seen[1] > now:
-            return Added(seen[0], True, False, state.last_closed_at)
+            joined = self._windows.get(seen[0])
+            leading = joined is not None and joined.leading == key
+            return Added(seen[0], True, False, state.last_closed_at, leading)
         opened = state.open_window is None
+        leading = opened and leads(leading_after, state.last_closed_at, now)
         if state.open_window is None:
             opened_ms = next_opened_ms(now, state.last_opened_ms)
             new = _Window(
@@ -78,9 +92,24 @@ class MemoryDigestStore:
             self._windows[new.id] = new
             state.open_window, state.last_opened_ms = new.id, opened_ms
         window = self._windows[state.open_window]
-        window.summary.add(item)
+        if leading:
+            window.leading = key  # sent alone by the caller, not in the summary
+        else:
+            window.summary.add(item)
         self._changes[key] = (window.id, now + self.retention_seconds)
-        return Added(window.id, False, opened, state.last_closed_at)
+        return Added(window.id, False, opened, state.last_closed_at, leading)
+
+    async def take(self, route: str, limit: int, per_seconds: float, now: float) -> Taken:
+        check_rate(limit, per_seconds)
+        period = self._periods.get(route)
+        if period is None or now >= period[0]:
+            period = (now + per_seconds, 1)
+        elif period[1] < limit:
+            period = (period[0], period[1] + 1)
+        else:
+            return Taken(False, period[0], period[1])
+        self._periods[route] = period
+        return Taken(True, *period)
 
     async def due(self, now: float, limit: int) -> list[str]:
         ready = [w for w in self._windows.values() if w.state is not WindowState.DONE]
@@ -130,6 +159,7 @@ class MemoryDigestStore:
         self._windows.clear()
         self._routes.clear()
         self._changes.clear()
+        self._periods.clear()
 
     def _close(self, window: _Window, now: float) -> None:
         state = self._routes[window.route]

@@ -9,12 +9,15 @@ may be long and odd):
 - `items:<sha1(window id)>`: list of the first `max_items` items as DigestItem JSON;
 - `due`: sorted set of every window not yet done, scored by when `due` should list it (due
   time, lease end, or release time), in milliseconds;
-- `change:<hex>`: the window a change joined, expiring after the retention.
+- `change:<hex>`: the window a change joined, expiring after the retention; a window that a
+  leading change opened names that change's key in its hash (`lead`);
+- `rate:<sha1(route)>`: hash with `end` (when the route's current period ends, as the seconds
+  `repr` the caller's clock gave) and `used`, expiring when the period ends.
 
-`add`, `claim`, `complete` and `release` are Lua scripts, atomic in Redis: two instances cannot
-both open a route's window, nor both claim one. A window's key is derived inside the scripts
-(with `redis.sha1hex`) from ids the scripts read, so this needs a standalone Redis (Memorystore
-basic or standard tier), not Redis Cluster.
+`add`, `claim`, `complete`, `release` and `take` are Lua scripts, atomic in Redis: two
+instances cannot both open a route's window, nor both claim one, nor take a period's last
+email. A window's key is derived inside the scripts (with `redis.sha1hex`) from ids the scripts
+read, so this needs a standalone Redis (Memorystore basic or standard tier), not Redis Cluster.
 
 The summary lives as counters in the window's hash, updated inside the script (`HINCRBY` for
 counts and bytes, numeric comparisons for the first and last time in microseconds), and
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
@@ -40,10 +44,12 @@ from app.digests.store import (
     Claim,
     DigestWindow,
     StoreUnavailable,
+    Taken,
     UnknownWindow,
     WindowInfo,
     WindowState,
     change_digest,
+    check_rate,
 )
 from app.digests.window import MAX_BUCKETS, DigestItem, DigestSummary
 from app.events.models import EventType
@@ -67,7 +73,8 @@ end
 """
 
 # KEYS: due, change, route. ARGV: route, now, now_ms, window_ms, max_items, retention_ms,
-# item json, name, event, bytes added, time in microseconds or "", bucket, max buckets, prefix.
+# item json, name, event, bytes added, time in microseconds or "", bucket, max buckets,
+# leading_after or "", prefix. Returns window id, duplicate, opened, closed_at or "", leading.
 _ADD = (
     _LUA_HELPERS
     + """
@@ -75,7 +82,10 @@ local due, change, routek = KEYS[1], KEYS[2], KEYS[3]
 local route, now_ms, window_ms = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
 local closed = redis.call('HGET', routek, 'closed_at') or ''
 local seen = redis.call('GET', change)
-if seen then return {seen, 1, 0, closed} end
+if seen then
+  local lead = redis.call('HGET', P .. 'w:' .. redis.sha1hex(seen), 'lead') == change
+  return {seen, 1, 0, closed, lead and 1 or 0}
+end
 local id = redis.call('HGET', routek, 'open')
 local opened = 0
 if not id then
@@ -91,6 +101,13 @@ if not id then
   redis.call('HSET', routek, 'open', id, 'last_ms', opened_ms)
   redis.call('ZADD', due, ms + window_ms, id)
   opened = 1
+  local after = ARGV[14]
+  if after ~= '' and (closed == '' or tonumber(ARGV[2]) - tonumber(closed) >= tonumber(after)) then
+    -- the leading change: sent alone by the caller, not in the window's summary
+    redis.call('HSET', w, 'lead', change)
+    redis.call('SET', change, id, 'PX', ARGV[6])
+    return {id, 0, 1, closed, 1}
+  end
 end
 local w = P .. 'w:' .. redis.sha1hex(id)
 local count = tonumber(redis.call('HGET', w, 'count'))
@@ -128,7 +145,7 @@ if redis.call('HEXISTS', w, bucket) == 0 then
   end
 end
 redis.call('SET', change, id, 'PX', ARGV[6])
-return {id, 0, opened, closed}
+return {id, 0, opened, closed, 0}
 """
 )
 
@@ -180,6 +197,25 @@ return 0
 """
 
 
+# KEYS: the route's rate. ARGV: now, now + per (the end of a period starting now, both as
+# Python's repr, so Lua compares the caller's exact floats), limit, period in whole ms.
+_TAKE = """
+local k = KEYS[1]
+local period = redis.call('HMGET', k, 'end', 'used')
+if not period[1] or tonumber(ARGV[1]) >= tonumber(period[1]) then
+  redis.call('HSET', k, 'end', ARGV[2], 'used', 1)
+  redis.call('PEXPIRE', k, ARGV[4])
+  return {1, ARGV[2], 1}
+end
+local used = tonumber(period[2])
+if used < tonumber(ARGV[3]) then
+  redis.call('HINCRBY', k, 'used', 1)
+  return {1, period[1], used + 1}
+end
+return {0, period[1], used}
+"""
+
+
 def _sha1(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()  # names keys, as redis.sha1hex does in Lua
 
@@ -213,13 +249,20 @@ class RedisDigestStore:
         self._claim = client.register_script(_CLAIM)
         self._complete = client.register_script(_COMPLETE)
         self._release = client.register_script(_RELEASE)
+        self._take = client.register_script(_TAKE)
 
     @classmethod
     def from_url(cls, url: str) -> RedisDigestStore:
         return cls(Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5))
 
     async def add(
-        self, route: str, window_seconds: float, max_items: int, item: DigestItem, now: float
+        self,
+        route: str,
+        window_seconds: float,
+        max_items: int,
+        item: DigestItem,
+        now: float,
+        leading_after: float | None = None,
     ) -> Added:
         finalized = item.event_type is EventType.FINALIZED and item.size is not None
         args: list[str | int] = [
@@ -236,6 +279,7 @@ class RedisDigestStore:
             "" if item.time is None else _microseconds(item.time),
             item.bucket,
             MAX_BUCKETS,
+            "" if leading_after is None else repr(float(leading_after)),
             PREFIX,
         ]
         keys = [
@@ -244,12 +288,30 @@ class RedisDigestStore:
             f"{PREFIX}route:{_sha1(route)}",
         ]
         try:
-            window, duplicate, opened, closed = await self._add(keys=keys, args=args)
+            window, duplicate, opened, closed, leading = await self._add(keys=keys, args=args)
         except RedisError as error:
             raise StoreUnavailable(f"redis: {type(error).__name__}") from error
         return Added(
-            _text(window), bool(duplicate), bool(opened), float(closed) if closed else None
+            _text(window),
+            bool(duplicate),
+            bool(opened),
+            float(closed) if closed else None,
+            bool(leading),
         )
+
+    async def take(self, route: str, limit: int, per_seconds: float, now: float) -> Taken:
+        check_rate(limit, per_seconds)
+        args: list[str | int] = [
+            repr(now),
+            repr(now + per_seconds),
+            limit,
+            max(1, math.ceil(per_seconds * 1000)),
+        ]
+        try:
+            allowed, end, used = await self._take(keys=[f"{PREFIX}rate:{_sha1(route)}"], args=args)
+        except RedisError as error:
+            raise StoreUnavailable(f"redis: {type(error).__name__}") from error
+        return Taken(bool(allowed), float(end), int(used))
 
     async def due(self, now: float, limit: int) -> list[str]:
         try:

@@ -8,10 +8,13 @@ claim a window once. Unlike the idempotency store's in-memory claims, a window's
 written: the window itself must outlive the process, and a crashed sender's lease runs out and
 makes it due again.
 
-Tables: `digest_routes` (the open window per route), `digest_windows` (state, times, and the
-summary as DigestSummary JSON without its items), `digest_items` (the first `max_items` items,
-one row each, so an add writes a row instead of rewriting the list) and `digest_changes`
-(16-byte digests of the change keys that joined, for deduplication until the retention ends).
+Tables: `digest_routes` (the open window per route), `digest_windows` (state, times, the
+summary as DigestSummary JSON without its items, and the digest of its leading change if it had
+one), `digest_items` (the first `max_items` items, one row each, so an add writes a row instead
+of rewriting the list), `digest_changes` (16-byte digests of the change keys that joined, for
+deduplication until the retention ends) and `digest_rates` (each rate route's current period:
+one row per route, so nothing to purge). A file written before `digest_windows.leading_key`
+existed gains the column when it is opened.
 Purging expired rows and WAL checkpoints run in a worker thread on a second connection, as in
 app.delivery.sqlite_store.
 """
@@ -32,10 +35,13 @@ from app.digests.store import (
     Claim,
     DigestWindow,
     StoreUnavailable,
+    Taken,
     UnknownWindow,
     WindowInfo,
     WindowState,
     change_digest,
+    check_rate,
+    leads,
     next_opened_ms,
     window_id,
 )
@@ -62,7 +68,8 @@ CREATE TABLE IF NOT EXISTS digest_windows (
     ready_at REAL NOT NULL,  -- when `due` lists it: due_at, lease end or release time
     expires_at REAL,  -- done windows: when they are purged
     events INTEGER NOT NULL,
-    summary TEXT NOT NULL
+    summary TEXT NOT NULL,
+    leading_key BLOB  -- digest_changes.key of its leading change (added by _migrate if missing)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS digest_windows_ready ON digest_windows (ready_at)
     WHERE state != 'done';
@@ -77,7 +84,27 @@ CREATE TABLE IF NOT EXISTS digest_changes (
     window TEXT NOT NULL,
     expires_at REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS digest_rates (
+    route TEXT PRIMARY KEY,
+    period_end REAL NOT NULL,
+    used INTEGER NOT NULL
+) WITHOUT ROWID;
 """
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a file created by an earlier version up to _SCHEMA (`CREATE TABLE IF NOT EXISTS`
+    adds no column to a table that exists). In a transaction, so two processes opening one old
+    file add the column once."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(digest_windows)")}
+        if "leading_key" not in columns:
+            db.execute("ALTER TABLE digest_windows ADD COLUMN leading_key BLOB")
+        db.execute("COMMIT")
+    except sqlite3.Error:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _dumps(value: object) -> str:
@@ -101,19 +128,29 @@ class SqliteDigestStore:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = connect(path, cache_kib=1024)
         self._db.executescript(_SCHEMA)
+        _migrate(self._db)
         self._maintenance_db: sqlite3.Connection | None = None
         self._maintenance: asyncio.Future[None] | None = None
         self._writes = 0
 
     async def add(
-        self, route: str, window_seconds: float, max_items: int, item: DigestItem, now: float
+        self,
+        route: str,
+        window_seconds: float,
+        max_items: int,
+        item: DigestItem,
+        now: float,
+        leading_after: float | None = None,
     ) -> Added:
         key = change_digest(route, item.change_key)
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
             seen = db.execute(
-                "SELECT window FROM digest_changes WHERE key = ? AND expires_at > ?", (key, now)
+                "SELECT c.window, w.leading_key = c.key FROM digest_changes AS c"
+                " LEFT JOIN digest_windows AS w ON w.id = c.window"
+                " WHERE c.key = ? AND c.expires_at > ?",
+                (key, now),
             ).fetchone()
             row = db.execute(
                 "SELECT open_window, last_opened_ms, last_closed_at FROM digest_routes"
@@ -123,16 +160,26 @@ class SqliteDigestStore:
             open_window, last_opened_ms, closed_at = row if row else (None, None, None)
             if seen is not None:
                 db.execute("COMMIT")
-                return Added(seen[0], True, False, closed_at)
+                return Added(seen[0], True, False, closed_at, bool(seen[1]))
+            leading = False
             if open_window is None:
                 opened_ms = next_opened_ms(now, last_opened_ms)
                 open_window = window_id(route, opened_ms)
                 summary = DigestSummary.empty(max_items)
                 due_at = opened_ms / 1000 + window_seconds
+                leading = leads(leading_after, closed_at, now)
                 db.execute(
                     "INSERT INTO digest_windows (id, route, opened_at, due_at, state, ready_at,"
-                    " events, summary) VALUES (?, ?, ?, ?, 'open', ?, 0, '')",
-                    (open_window, route, opened_ms / 1000, due_at, due_at),
+                    " events, summary, leading_key) VALUES (?, ?, ?, ?, 'open', ?, 0, ?, ?)",
+                    (
+                        open_window,
+                        route,
+                        opened_ms / 1000,
+                        due_at,
+                        due_at,
+                        _dumps(summary.to_json()),
+                        key if leading else None,
+                    ),
                 )
                 db.execute(
                     "INSERT INTO digest_routes (route, open_window, last_opened_ms)"
@@ -147,18 +194,8 @@ class SqliteDigestStore:
                 ).fetchone()
                 summary = DigestSummary.from_json(json.loads(text))
                 opened = False
-            listed = summary.count < summary.max_items
-            summary.add(item)
-            summary.items = []  # the items live in digest_items
-            db.execute(
-                "UPDATE digest_windows SET summary = ?, events = ? WHERE id = ?",
-                (_dumps(summary.to_json()), summary.count, open_window),
-            )
-            if listed:
-                db.execute(
-                    "INSERT INTO digest_items (window, seq, item) VALUES (?, ?, ?)",
-                    (open_window, summary.count - 1, _dumps(item.to_json())),
-                )
+            if not leading:  # a leading change is sent alone, not in the summary
+                self._join(open_window, summary, item)
             db.execute(
                 "INSERT OR REPLACE INTO digest_changes (key, window, expires_at) VALUES (?, ?, ?)",
                 (key, open_window, now + self.retention_seconds),
@@ -168,7 +205,51 @@ class SqliteDigestStore:
             self._rollback()
             raise StoreUnavailable(f"sqlite: {error}") from error
         self._wrote(now)
-        return Added(open_window, False, opened, closed_at)
+        return Added(open_window, False, opened, closed_at, leading)
+
+    def _join(self, window: str, summary: DigestSummary, item: DigestItem) -> None:
+        """Inside `add`'s transaction: the item joins the window's summary (and its listed items
+        while there are fewer than `max_items`)."""
+        listed = summary.count < summary.max_items
+        summary.add(item)
+        summary.items = []  # the items live in digest_items
+        self._db.execute(
+            "UPDATE digest_windows SET summary = ?, events = ? WHERE id = ?",
+            (_dumps(summary.to_json()), summary.count, window),
+        )
+        if listed:
+            self._db.execute(
+                "INSERT INTO digest_items (window, seq, item) VALUES (?, ?, ?)",
+                (window, summary.count - 1, _dumps(item.to_json())),
+            )
+
+    async def take(self, route: str, limit: int, per_seconds: float, now: float) -> Taken:
+        check_rate(limit, per_seconds)
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute(
+                "SELECT period_end, used FROM digest_rates WHERE route = ?", (route,)
+            ).fetchone()
+            if row is None or now >= row[0]:
+                period_end, used = now + per_seconds, 1
+            elif row[1] < limit:
+                period_end, used = row[0], row[1] + 1
+            else:
+                db.execute("COMMIT")
+                return Taken(False, row[0], row[1])
+            db.execute(
+                "INSERT INTO digest_rates (route, period_end, used) VALUES (?, ?, ?)"
+                " ON CONFLICT (route) DO UPDATE SET"
+                " period_end = excluded.period_end, used = excluded.used",
+                (route, period_end, used),
+            )
+            db.execute("COMMIT")
+        except sqlite3.Error as error:
+            self._rollback()
+            raise StoreUnavailable(f"sqlite: {error}") from error
+        self._wrote(now)
+        return Taken(True, period_end, used)
 
     async def due(self, now: float, limit: int) -> list[str]:
         rows = self._read(

@@ -11,10 +11,16 @@ A route with a digest has at most one OPEN window at a time. Each window moves
 
 - `add` joins an event to the route's OPEN window, or opens one (due `window_seconds` later);
   the same storage change joins a route's windows once while it is remembered (the retention).
+  With `leading_after`, an event that opens a window after a quiet spell is the window's
+  LEADING change: the caller sends it at once, alone, and the window opens empty (count 0)
+  for the events that follow; an empty window is completed without an email.
 - `claim` closes the window to new events: an event arriving while it is being sent opens the
   route's next window, so every event is in exactly one email.
 - A SENDING window whose lease ran out (its sender died) and a RELEASED one (its send failed)
   are due again, as is an OPEN window past its due time; `due` lists them.
+
+`take` counts a `rate` route's emails in periods: the first email after a period ended starts
+the next one, and an email over the limit is not allowed (the caller adds it to a digest).
 
 The idempotency claims of single emails are a separate Protocol (app.delivery.store); the two
 share `Claim` and `StoreUnavailable`. Key hashing and retention live here, once, for every
@@ -40,10 +46,12 @@ __all__ = [
     "DigestStore",
     "DigestWindow",
     "StoreUnavailable",
+    "Taken",
     "UnknownWindow",
     "WindowInfo",
     "WindowState",
     "change_digest",
+    "open_digest_store",
     "window_id",
 ]
 
@@ -68,13 +76,27 @@ class Added:
     """What `add` did with one event.
 
     `previous_closed_at` is when the route's previous window was closed to new events (its first
-    claim), or None if the route never had one: with `leading: true` the caller sends an event
-    that opened a window after a quiet spell at once."""
+    claim, or its completion), or None if the route never had one.
+
+    `leading`: the event is the window's leading change (see `DigestStore.add`), not in its
+    summary: the caller sends it alone, at once. A duplicate of a leading change is leading
+    too, so a redelivery sends it again (the idempotency store makes that one email)."""
 
     window_id: str
     duplicate: bool  # the change had already joined a window of this route: nothing was added
     opened: bool  # this event opened the window
     previous_closed_at: float | None
+    leading: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """What `take` did: `used` emails of the period ending at `period_end` (this one included
+    when `allowed`)."""
+
+    allowed: bool
+    period_end: float
+    used: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +117,27 @@ class DigestWindow:
 
 class DigestStore(Protocol):
     async def add(
-        self, route: str, window_seconds: float, max_items: int, item: DigestItem, now: float
+        self,
+        route: str,
+        window_seconds: float,
+        max_items: int,
+        item: DigestItem,
+        now: float,
+        leading_after: float | None = None,
     ) -> Added:
-        """Atomic and durable before it returns (StoreUnavailable otherwise)."""
+        """Atomic and durable before it returns (StoreUnavailable otherwise).
+
+        When this event opens the route's window, `leading_after` is not None, and the route
+        never had a window or closed its previous one at least `leading_after` seconds ago,
+        the window opens EMPTY and remembers the event as its leading change (Added.leading);
+        the route's next events join it as usual."""
+        ...
+
+    async def take(self, route: str, limit: int, per_seconds: float, now: float) -> Taken:
+        """One email of a rate route: allowed while fewer than `limit` were taken in the
+        route's current period. With no period, or `now` at or after its end, a new period
+        [now, now + per_seconds) starts with this email. Atomic, and durable before it returns
+        (StoreUnavailable otherwise); ValueError for a limit below 1 or a period of 0 or less."""
         ...
 
     async def due(self, now: float, limit: int) -> list[str]:
@@ -128,6 +168,42 @@ class DigestStore(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+def open_digest_store(url: str) -> DigestStore:
+    """`memory`, `sqlite:///PATH` or `redis://...`/`rediss://...`, as the idempotency store's
+    URL (app.delivery.store.open_store): a SQLite digest store shares the idempotency store's
+    file, in its own tables over its own connection. Backends are imported only when used;
+    StoreUnavailable if the SQLite file cannot be opened, ValueError for another scheme."""
+    if url == "memory":
+        from app.digests.memory_store import MemoryDigestStore
+
+        return MemoryDigestStore()
+    if url.startswith("sqlite:///"):
+        from app.digests.sqlite_store import SqliteDigestStore
+
+        return SqliteDigestStore.open(url.removeprefix("sqlite:///"))
+    if url.startswith(("redis://", "rediss://")):
+        from app.digests.redis_store import RedisDigestStore
+
+        return RedisDigestStore.from_url(url)
+    raise ValueError(f"unknown digest store URL scheme: {url.split(':', 1)[0]!r}")
+
+
+def check_rate(limit: int, per_seconds: float) -> None:
+    """ValueError unless a rate can allow an email (every backend's `take` checks first)."""
+    if limit < 1:
+        raise ValueError(f"rate limit must be 1 or more, not {limit}")
+    if not per_seconds > 0:
+        raise ValueError(f"rate period must be more than 0 seconds, not {per_seconds}")
+
+
+def leads(leading_after: float | None, previous_closed_at: float | None, now: float) -> bool:
+    """Whether an event opening a route's window is its leading change: leading is on, and the
+    route never had a window or its previous one closed `leading_after` seconds ago or more."""
+    if leading_after is None:
+        return False
+    return previous_closed_at is None or now - previous_closed_at >= leading_after
 
 
 def window_id(route: str, opened_ms: int) -> str:

@@ -4,6 +4,7 @@ once, a window claimed by one flush, nothing lost across a restart."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import subprocess
@@ -17,9 +18,9 @@ import pytest
 from redis.asyncio import Redis
 
 from app.digests.memory_store import MemoryDigestStore
-from app.digests.redis_store import RedisDigestStore
+from app.digests.redis_store import PREFIX, RedisDigestStore
 from app.digests.sqlite_store import SqliteDigestStore
-from app.digests.store import Claim, DigestStore, UnknownWindow, WindowState
+from app.digests.store import Added, Claim, DigestStore, Taken, UnknownWindow, WindowState
 from app.digests.window import DigestItem, DigestSummary
 from app.events.models import EventType
 from tests.redis_server import redis_server
@@ -394,3 +395,153 @@ def test_a_sqlite_window_survives_sigkill_with_every_event(tmp_path: Path) -> No
         await store.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_leading_event_opens_the_first_window_empty(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        first = await store.add("r", 60, 10, item(1), NOW, leading_after=300)
+        assert first == Added(f"r:{int(NOW * 1000)}", False, True, None, leading=True)
+        window = await store.read(first.window_id)
+        assert window.summary == DigestSummary.empty(10)
+        assert (window.info.events, window.info.state) == (0, WindowState.OPEN)
+        assert [(p.window_id, p.events) for p in await store.pending(NOW)] == [(first.window_id, 0)]
+        # An empty window is flushed like any other: the flush completes it without an email.
+        assert await store.due(NOW + 60, 10) == [first.window_id]
+        assert await store.claim(first.window_id, "f", 30, NOW + 60) is Claim.CLAIMED
+        await store.complete(first.window_id, "f", NOW + 60)
+        assert await store.pending(NOW + 60) == []
+
+    run(opener, scenario)
+
+
+def test_a_second_event_joins_the_leading_window_alone(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        first = await store.add("r", 60, 10, item(1), NOW, leading_after=300)
+        second = await store.add("r", 60, 10, item(2), NOW + 1, leading_after=300)
+        assert second == Added(first.window_id, False, False, None, leading=False)
+        window = await store.read(first.window_id)
+        assert window.summary == DigestSummary.empty(10).add(item(2))
+        assert window.summary.items == [item(2)]
+        assert window.info.events == 1
+
+    run(opener, scenario)
+
+
+def test_a_duplicate_of_the_leading_change_is_leading(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        first = await store.add("r", 60, 10, item(1), NOW, leading_after=300)
+        await store.add("r", 60, 10, item(2), NOW + 1, leading_after=300)
+        again = await store.add("r", 60, 10, item(1), NOW + 2, leading_after=300)
+        assert again == Added(first.window_id, True, False, None, leading=True)
+        joined_again = await store.add("r", 60, 10, item(2), NOW + 3, leading_after=300)
+        assert (joined_again.duplicate, joined_again.leading) == (True, False)
+        assert (await store.read(first.window_id)).summary.count == 1
+        await store.claim(first.window_id, "f", 30, NOW + 60)
+        await store.complete(first.window_id, "f", NOW + 61)
+        late = await store.add("r", 60, 10, item(1), NOW + 3600, leading_after=300)
+        assert (late.window_id, late.duplicate, late.leading) == (first.window_id, True, True)
+        assert await store.pending(NOW + 3600) == []
+
+    run(opener, scenario)
+
+
+def test_not_leading_while_the_previous_window_closed_recently(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        first = await store.add("r", 60, 10, item(1), NOW, leading_after=300)
+        await store.claim(first.window_id, "f", 30, NOW + 60)
+        busy = await store.add("r", 60, 10, item(2), NOW + 359.5, leading_after=300)
+        assert (busy.opened, busy.leading) == (True, False)
+        assert busy.previous_closed_at == pytest.approx(NOW + 60)
+        assert (await store.read(busy.window_id)).summary.items == [item(2)]
+
+    run(opener, scenario)
+
+
+def test_leading_again_after_a_quiet_spell(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        first = await store.add("r", 60, 10, item(1), NOW, leading_after=300)
+        await store.claim(first.window_id, "f", 30, NOW + 60)
+        await store.complete(first.window_id, "f", NOW + 61)
+        quiet = await store.add("r", 60, 10, item(2), NOW + 360, leading_after=300)  # 300 s
+        assert (quiet.opened, quiet.leading, quiet.duplicate) == (True, True, False)
+        assert quiet.previous_closed_at == pytest.approx(NOW + 60)
+        assert quiet.window_id != first.window_id
+        assert (await store.read(quiet.window_id)).info.events == 0
+
+    run(opener, scenario)
+
+
+def test_without_leading_after_an_opening_event_joins_its_window(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        first = await store.add("r", 60, 10, item(1), NOW)
+        assert (first.opened, first.leading) == (True, False)
+        assert (await store.read(first.window_id)).summary.items == [item(1)]
+        assert not (await store.add("r", 60, 10, item(1), NOW + 1)).leading
+
+    run(opener, scenario)
+
+
+def test_take_allows_the_limit_per_period_then_starts_a_new_one(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        taken = [await store.take("r", 3, 60, NOW + n) for n in range(4)]
+        assert taken == [
+            Taken(True, NOW + 60, 1),
+            Taken(True, NOW + 60, 2),
+            Taken(True, NOW + 60, 3),
+            Taken(False, NOW + 60, 3),
+        ]
+        assert await store.take("r", 3, 60, NOW + 59.5) == Taken(False, NOW + 60, 3)
+        assert await store.take("other", 3, 60, NOW + 30) == Taken(True, NOW + 90, 1)
+        # The first email after the period ended starts the next one, at its own time.
+        assert await store.take("r", 3, 60, NOW + 75) == Taken(True, NOW + 135, 1)
+        assert await store.take("r", 3, 60, NOW + 134) == Taken(True, NOW + 135, 2)
+
+    run(opener, scenario)
+
+
+def test_take_rejects_a_rate_that_allows_nothing(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        with pytest.raises(ValueError, match="limit"):
+            await store.take("r", 0, 60, NOW)
+        with pytest.raises(ValueError, match="period"):
+            await store.take("r", 1, 0, NOW)
+        assert await store.take("r", 1, 60, NOW) == Taken(True, NOW + 60, 1)
+
+    run(opener, scenario)
+
+
+def test_concurrent_takes_allow_exactly_the_limit(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        other = opener()  # a second instance on the same storage
+        try:
+            results = await asyncio.gather(
+                *((store if i % 2 else other).take("r", 20, 3600, NOW) for i in range(50))
+            )
+        finally:
+            if other is not store:
+                await other.aclose()
+        allowed = [t.used for t in results if t.allowed]
+        assert sorted(allowed) == list(range(1, 21))
+        assert {t.used for t in results if not t.allowed} == {20}
+        assert {t.period_end for t in results} == {NOW + 3600}
+
+    run(opener, scenario)
+
+
+@pytest.mark.redis
+def test_a_redis_period_expires_with_its_end(tmp_path: Path) -> None:
+    route = "route with spaces/and:colons é"
+
+    async def scenario(url: str) -> None:
+        client = Redis.from_url(url)
+        store = RedisDigestStore(client)
+        await store.take(route, 5, 60, time.time())
+        key = f"{PREFIX}rate:{hashlib.sha1(route.encode()).hexdigest()}"
+        assert 59_000 < await client.pttl(key) <= 60_000
+        await store.take(route, 5, 60, time.time())  # a take within the period keeps its end
+        assert 58_000 < await client.pttl(key) <= 60_000
+        assert [k async for k in client.scan_iter("*rate*")] == [key.encode()]
+        await store.aclose()
+
+    with redis_server(tmp_path) as url:
+        asyncio.run(scenario(url))
