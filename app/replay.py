@@ -2,7 +2,8 @@
 
 Each file in DIR is a structured-mode CloudEvent written by the dead-letter box. It is posted as
 `application/cloudevents+json` and removed only after a 2xx answer, so a failed replay loses
-nothing. Where the service checks tokens (EVENT_AUTH=oidc), put an ID token of an invoker in
+nothing. A digest SendGrid rejected (`"kind": "digest"`, written beside the events) is not an
+event: it is listed and kept, for a person to read (it names the route and the objects). Where the service checks tokens (EVENT_AUTH=oidc), put an ID token of an invoker in
 REPLAY_ID_TOKEN (e.g. `gcloud auth print-identity-token`), not on the command line.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
 import urllib.error
@@ -33,6 +35,15 @@ def dead_letters(directory: Path) -> list[Path]:
             for entry in entries
             if entry.name.endswith(".json") and entry.is_file()
         )
+
+
+def is_digest(path: Path) -> bool:
+    """A dead-lettered digest (app.digests.flush.DigestDeadLetterFolder), not an event."""
+    try:
+        document = json.loads(path.read_bytes())
+    except ValueError:
+        return False  # not JSON: the service will say what is wrong with it
+    return isinstance(document, dict) and document.get("kind") == "digest"
 
 
 def replay_file(path: Path, url: str, token: str | None) -> tuple[int, str]:
@@ -60,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nothing to replay in {args.directory}")
         return 0
     failed = 0
+    digests = [path for path in files if is_digest(path)]
+    for path in digests:
+        print(f"{path.name}: a digest, not an event (kept; it lists the route and the objects)")
+    files = [path for path in files if path not in digests]
     for path in files:
         try:
             status, body = replay_file(path, args.url, token)

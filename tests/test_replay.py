@@ -75,3 +75,20 @@ def test_a_dead_letter_is_sent_again_and_removed(
     assert not letter.exists()
     subjects = {str(message["Subject"]) for message in read_outbox(tmp_path / "outbox")}
     assert subjects == {"[gs://some-bucket] finalized: again.txt"}
+
+
+def test_a_dead_lettered_digest_is_listed_and_kept_not_posted(
+    outbox_server: ThreadedServer, tmp_path: Path
+) -> None:
+    folder = tmp_path / "dead-letter-copy"
+    folder.mkdir()
+    digest = folder / "20250101T000000000000Z-digest-0123456789abcdef.json"
+    digest.write_text('{"kind": "digest", "window_id": "reports:1", "summary": {}}')
+    letter = folder / "20250101T000000000001Z-0123456789abcdef.json"
+    letter.write_bytes(structured(object_data(name="again.txt"), event_id="dl-2")[1])
+    result = replay(folder, outbox_server.url + "/")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{digest.name}: a digest, not an event (kept" in result.stdout
+    assert "replayed 1 of 1" in result.stdout
+    assert digest.exists()
+    assert not letter.exists()
