@@ -3,7 +3,8 @@
 `check` validates a rules file as the service does at start-up (exit 0 and one line per route, or
 exit 1 and the one-line error naming the file, line, route and field). `explain` runs one event
 through the file: route by route, matched or the first condition that failed; then who would be
-emailed, by which route, with the rendered subject. Nothing is sent.
+emailed, by which route, with the rendered subject, and which routes would hold it for a digest
+(`digest`, or `rate` past its limit). Nothing is sent.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from app.events.models import EventType, StorageEvent, StorageObjectData
 from app.notify.render import visible
 from app.rules.match import describe
-from app.rules.model import RouteSpec, RulesError, load_rules, parse_size
+from app.rules.model import RouteSpec, RulesError, duration_text, load_rules, parse_size
 from app.rules.routing import RulesRouter, compile_rules
 
 SENDER = "notifier@localhost"  # explain shows recipients and subjects; the sender plays no part
@@ -30,8 +31,22 @@ def summary(spec: RouteSpec) -> str:
         flags.append("continue")
     if spec.subject is not None or spec.text is not None or spec.html is not None:
         flags.append("templates: " + "/".join(_templated(spec)))
+    if spec.digest is not None or spec.rate is not None:
+        flags.append(settings(spec))
     extra = f" [{'; '.join(flags)}]" if flags else ""
     return f"{spec.name}: {describe(spec)} -> {action}{extra}"
+
+
+def settings(spec: RouteSpec) -> str:
+    """`digest: window 5m, max_items 100, leading`, `rate: max 20 per 1h`, or "" for neither."""
+    if spec.digest is not None:
+        digest = spec.digest
+        window = duration_text(int(digest.window_seconds))
+        leading = ", leading" if digest.leading else ""
+        return f"digest: window {window}, max_items {digest.max_items}{leading}"
+    if spec.rate is not None:
+        return f"rate: max {spec.rate.max} per {duration_text(int(spec.rate.per_seconds))}"
+    return ""
 
 
 def _templated(spec: RouteSpec) -> list[str]:
@@ -65,7 +80,7 @@ def explain(path: Path, event: StorageEvent) -> int:
             state = "no match"
         print(f"  {verdict.route.name}: {state}: {verdict.reason}")
     routed = router.route(event)
-    if not routed.notifications:
+    if not routed.notifications and not routed.deferred:
         if routed.route is not None:
             print(f"result: dropped by route {routed.route}: acknowledged, nobody is emailed")
         else:
@@ -75,6 +90,23 @@ def explain(path: Path, event: StorageEvent) -> int:
         route = notification.context["route"]
         print(f"email by route {route} to {', '.join(notification.recipients)}")
         print(f"  subject: {notification.subject}")
+    for deferred in routed.deferred:
+        spec = router.routes[deferred.route].spec
+        at_once = deferred.notification()
+        if spec.digest is not None:
+            print(f"digest by route {spec.name} to {', '.join(spec.to)} ({settings(spec)})")
+            print("  the event joins the route's window: one email when it closes")
+            if spec.digest.leading:
+                print(
+                    "  or, as the first event after a quiet window, it goes at once, alone: "
+                    f"subject: {at_once.subject}"
+                )
+        else:
+            print(
+                f"email by route {spec.name} to {', '.join(at_once.recipients)} ({settings(spec)})"
+            )
+            print(f"  subject: {at_once.subject}")
+            print("  past the limit, the event joins the period's digest instead")
     return 0
 
 
