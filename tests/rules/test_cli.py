@@ -110,13 +110,15 @@ def test_check_the_example_rules_file_at_the_repository_root() -> None:
     result = run("check", "rules.example.yaml")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "rules.example.yaml: 4 routes, valid"
+    assert lines[0] == "rules.example.yaml: 5 routes, valid"
     assert [line.split(":")[0].strip() for line in lines[1:]] == [
         "quiet-logs",
         "quiet-temporary-files",
         "finance-reports",
+        "photo-uploads",
         "everything-else",
     ]
+    assert lines[4].endswith("[digest: window 1m, max_items 100]")
 
 
 def test_check_a_bad_file_exits_1_with_the_one_line_error(tmp_path: Path) -> None:
