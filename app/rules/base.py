@@ -5,15 +5,17 @@ Light on purpose: the pipeline imports this, and the default path never loads YA
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 from app.rules.errors import RulesUnavailable
 
-__all__ = ["Routed", "Router", "RulesUnavailable", "Unrouted"]
+__all__ = ["Deferred", "Routed", "Router", "RulesUnavailable", "Unrouted"]
 
 if TYPE_CHECKING:  # the app imports this module at start-up; the event models load lazily
+    from app.digests.flush import DigestRoute
     from app.events.models import StorageEvent
     from app.notify.base import Notification
 
@@ -24,12 +26,29 @@ class Unrouted(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Deferred:
+    """A route that may hold the event back for a digest (issue 11).
+
+    A `digest` route (`rate=False`) joins the event to the route's window; when the event opens a
+    window after a quiet spell and the route has `leading: true`, it goes out alone at once
+    instead. A `rate` route (`rate=True`) sends it at once while the route is under its limit,
+    and otherwise joins the period's digest. `notification` builds the email sent at once, only
+    when it is (rendering costs more than joining)."""
+
+    route: str
+    notification: Callable[[], Notification]
+    rate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Routed:
-    """What an event yields: notifications, or why none (`unrouted`, and the dropping route)."""
+    """What an event yields: notifications to send now and routes that may hold it for a
+    digest, or why neither (`unrouted`, and the dropping route)."""
 
     notifications: list[Notification]
     unrouted: Unrouted | None = None
     route: str | None = None
+    deferred: tuple[Deferred, ...] = ()
 
 
 class Router(Protocol):
@@ -39,3 +58,8 @@ class Router(Protocol):
         ...
 
     def route(self, event: StorageEvent) -> Routed: ...
+
+    def digest_routes(self) -> Mapping[str, DigestRoute]:
+        """The routes with a `digest` or a `rate`, by name: whom a flush tells about a window,
+        even after a restart, before any new event."""
+        ...

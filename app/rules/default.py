@@ -3,9 +3,15 @@ deduplicated on the storage change alone (the keys of stores written before rule
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
 from app.delivery.routes import notifications_for
 from app.events.models import StorageEvent
 from app.rules.base import Routed, Unrouted
+
+if TYPE_CHECKING:
+    from app.digests.flush import DigestRoute
 
 
 class DefaultRouter:
@@ -20,3 +26,6 @@ class DefaultRouter:
     def route(self, event: StorageEvent) -> Routed:
         notifications = notifications_for(event, self.recipients, self.sender)
         return Routed(notifications, None if notifications else Unrouted.NO_ROUTE)
+
+    def digest_routes(self) -> Mapping[str, DigestRoute]:
+        return {}

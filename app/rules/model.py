@@ -20,8 +20,8 @@ Reading rules, decided here:
 - Durations (`digest.window`, `rate.per`) are a whole number and a unit: s, m, h or d ("30s",
   "5m", "1h", "1d"; a space allowed), or a bare whole number of seconds. Fractions ("1.5h"),
   negative numbers, other units ("5 minutes", "1w") and spellings like "5M" are refused, saying
-  what to write instead ("90m", "5m", "7d"); zero is below every range. `digest.window` is 10s to
-  7d, `rate.per` 1s to 7d.
+  what to write instead ("90m", "5m", "7d"); zero is below every range. `digest.window` and
+  `rate.per` are 1s to 7d.
 - `digest` (window:, max_items: 0 to 1000, default 100, leading: default false) and `rate` (max:
   1 to 100000, per:) are optional mappings; neither goes with `drop: true`, and a route takes one
   of them, not both (a digest route already sends at most one email per window). A digest route's
@@ -199,7 +199,7 @@ VERSION = 1
 MAX_SIZE = 2**63 - 1  # Cloud Storage sizes are int64
 ROUTE_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
 # (least, most) of each ranged value.
-DIGEST_WINDOW = (10, 7 * 86400)
+DIGEST_WINDOW = (1, 7 * 86400)
 DIGEST_MAX_ITEMS = (0, 1000)
 RATE_MAX = (1, 100_000)
 RATE_PER = (1, 7 * 86400)
