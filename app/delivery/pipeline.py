@@ -6,6 +6,10 @@ transient failure release the claim and ask Eventarc to deliver again; on a perm
 keep the event in the dead-letter box and release the claim so a replay can send. An event is
 answered 2xx only once every notification has been accepted, or the event is safely
 dead-lettered.
+
+A route with a `digest` or a `rate` may hold the event back instead (`Deferred`, issue 11): it
+joins the route's digest window in the digest store, durably, before the event is answered 2xx,
+and the flush (app.digests.flush) sends the window as one email.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.config import DONE_RETENTION_SECONDS
 from app.delivery.deadletter import DeadLetterBox
@@ -31,7 +35,10 @@ from app.notify.base import (
     RejectedDeliveryError,
     TransientDeliveryError,
 )
-from app.rules.base import Router, Unrouted
+from app.rules.base import Routed, Router, Unrouted
+
+if TYPE_CHECKING:
+    from app.digests.flush import Digests
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,7 @@ class Outcome(StrEnum):
     IGNORED = "ignored"  # no route matched (or not a type this service handles)
     DROPPED = "dropped"  # a `drop: true` route matched: acknowledged, nobody told
     DEAD_LETTERED = "dead-lettered"
+    DIGESTED = "digested"  # held for a digest: in the store, sent when the window closes
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +75,10 @@ class Pipeline:
         router: Router,
         dead_letters: DeadLetterBox,
         lease_seconds: float,
+        digests: Digests | None = None,
     ) -> None:
         self.store = store
+        self.digests = digests
         self.notifier = notifier
         self.router = router
         self.dead_letters = dead_letters
@@ -104,20 +114,31 @@ class Pipeline:
 
     async def handle(self, event: StorageEvent) -> Result:
         routed = self.router.route(event)
+        now = routed.notifications
+        owner = uuid.uuid4().hex
+        held_back = False
+        if routed.deferred:
+            now, held_back = await self._defer(event, routed, owner)
         notifications = [
             batch
-            for notification in routed.notifications
+            for notification in now
             for batch in notification.split(self.notifier.max_recipients)
         ]
         if not notifications:
+            if held_back:
+                return Result(Outcome.DIGESTED, event.id)
+            if routed.deferred:
+                log.info("duplicate delivery, already in a digest", extra=event.log_fields())
+                return Result(Outcome.DUPLICATE, event.id)
             if routed.unrouted is Unrouted.DROPPED:
                 log.info("event dropped", extra={**event.log_fields(), "route": routed.route})
                 return Result(Outcome.DROPPED, event.id)
             log.info("no route matched, ignored", extra=event.log_fields())
             return Result(Outcome.IGNORED, event.id)
-        owner = uuid.uuid4().hex
         claimed = await self._claim_all(notifications, owner)
         if not claimed:
+            if held_back:
+                return Result(Outcome.DIGESTED, event.id)
             log.info("duplicate delivery, already notified", extra=event.log_fields())
             return Result(Outcome.DUPLICATE, event.id)
 
@@ -176,6 +197,71 @@ class Pipeline:
                 ) from error
             return Result(Outcome.DEAD_LETTERED, event.id, sent)
         return Result(Outcome.SENT, event.id, sent)
+
+    async def _defer(
+        self, event: StorageEvent, routed: Routed, owner: str
+    ) -> tuple[list[Notification], bool]:
+        """Join the event to the digests of the routes that hold it back (durably: the store has
+        it when this returns) -> the notifications to send now (the immediate routes', a leading
+        event's, a rate route's under its limit), and whether a digest newly holds the event."""
+        digests = self.digests
+        if digests is None:
+            raise RuntimeError("a digest or rate route needs the digest store")
+        now = list(routed.notifications)
+        held_back = False
+        for entry in routed.deferred:
+            if not entry.rate:
+                added = await digests.join(entry.route, event)
+                if added.leading:  # the first after a quiet spell: alone, at once
+                    now.append(entry.notification())
+                    continue
+                if added.duplicate:
+                    continue
+            else:
+                taken = await digests.take(entry.route)
+                notification = entry.notification()
+                if taken.allowed:
+                    now.append(notification)
+                    continue
+                held = await self._hold_for_period(
+                    entry.route, notification, event, taken.period_end, owner
+                )
+                if held is None:
+                    continue  # it went out alone before: a redelivery
+                if not held:
+                    now.append(notification)  # partly sent by an earlier delivery: finish it
+                    continue
+            held_back = True
+            log.info("event held for a digest", extra={**event.log_fields(), "route": entry.route})
+        return now, held_back
+
+    async def _hold_for_period(
+        self,
+        route: str,
+        notification: Notification,
+        event: StorageEvent,
+        period_end: float,
+        owner: str,
+    ) -> bool | None:
+        """A rate route past its limit: the event joins the digest sent when the period ends
+        (True), unless an earlier delivery of it already went out alone (None: nothing to do)
+        or in part (False: send the rest now). Its keys are then marked done, so a redelivery in
+        the next period does not email it alone as well."""
+        if self.digests is None:
+            raise RuntimeError("a rate route needs the digest store")
+        batches = notification.split(self.notifier.max_recipients)
+        claimed = await self._claim_all(batches, owner)
+        if len(claimed) < len(batches):
+            await self._release(claimed, owner)
+            return False if claimed else None
+        try:
+            await self.digests.overflow(route, event, period_end)
+        except BaseException:
+            await self._release(claimed, owner)
+            raise
+        for batch in claimed:
+            await self.store.complete(batch.key, owner, DONE_RETENTION_SECONDS)
+        return True
 
     async def _send(self, notification: Notification) -> Receipt:
         # A set of tasks rather than an asyncio.timeout per send: this runs for every email, and

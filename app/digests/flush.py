@@ -1,8 +1,8 @@
 """Digest routes join events to windows, and a flush sends each due window as one email.
 
-Issue 11; not wired into the service yet: the pipeline will call `Digests.join` for an event a
-digest route matched, and the flush timer, `POST /digests/flush` and SIGTERM will call
-`Digests.flush`.
+The pipeline calls `Digests.join` for an event a `digest` route matched, and `Digests.take` then
+`Digests.overflow` for one a `rate` route matched; the flush timer (app.runtime),
+`POST /digests/flush` and SIGTERM call `Digests.flush`.
 
 A route's recipients and window settings are given once, at construction (`DigestRoute`), not
 with each event: a flush after a restart must know whom to tell about a window without waiting
@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from app.digests.render import render_digest
-from app.digests.store import Added, Claim, DigestStore, DigestWindow
-from app.digests.window import DigestItem
+from app.digests.store import Added, Claim, DigestStore, DigestWindow, Taken
+from app.digests.window import DigestItem, DigestSummary
 from app.events.models import StorageEvent
 from app.files import write_json
 from app.notify.base import (
@@ -46,17 +46,35 @@ from app.notify.base import (
     RejectedDeliveryError,
     TransientDeliveryError,
 )
+from app.notify.render import Rendered
 from app.rules.templates import with_footer
 
 log = logging.getLogger(__name__)
 
 
+class DigestTemplates(Protocol):
+    def render(self, summary: DigestSummary, route: str, default: Rendered) -> Rendered: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    max: int  # emails per period
+    per_seconds: float
+
+
 @dataclass(frozen=True, slots=True)
 class DigestRoute:
+    """A route whose events may wait for a digest: a `digest` route (`rate` None: windows of
+    `window_seconds`, the first event after a quiet spell alone when `leading`) or a `rate`
+    route (its overflow waits until the period ends)."""
+
     name: str
     recipients: tuple[str, ...]
     window_seconds: float
     max_items: int
+    leading: bool = False
+    rate: RateLimit | None = None
+    templates: DigestTemplates | None = None  # the route's own subject/text/html for digests
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,16 +156,40 @@ class Digests:
         self.clock = clock
 
     async def join(self, route: str, event: StorageEvent) -> Added:
-        """Durable before it returns (StoreUnavailable otherwise); KeyError for a route that is
-        not a digest route."""
+        """A `digest` route's event joins its window (or, with `leading`, opens an empty one and
+        is to go out alone: `Added.leading`). Durable before it returns (StoreUnavailable
+        otherwise); KeyError for a route that is not a digest route."""
         spec = self.routes[route]
-        item = DigestItem.of(event)
+        leading_after = spec.window_seconds if spec.leading else None
         return await self.store.add(
-            spec.name, spec.window_seconds, spec.max_items, item, self.clock()
+            spec.name,
+            spec.window_seconds,
+            spec.max_items,
+            DigestItem.of(event),
+            self.clock(),
+            leading_after=leading_after,
         )
 
-    async def flush(self, now: float | None = None, limit: int = 100) -> FlushResult:
-        """Send up to `limit` due windows, earliest first."""
+    async def take(self, route: str) -> Taken:
+        """A `rate` route's event: may it go out now? Counts it against the period if so."""
+        spec = self.routes[route]
+        if spec.rate is None:
+            raise KeyError(f"route {route!r} has no rate")
+        return await self.store.take(spec.name, spec.rate.max, spec.rate.per_seconds, self.clock())
+
+    async def overflow(self, route: str, event: StorageEvent, period_end: float) -> Added:
+        """A `rate` route's event past the limit joins the digest sent when the period ends."""
+        spec = self.routes[route]
+        now = self.clock()
+        return await self.store.add(
+            spec.name, max(period_end - now, 0.0), spec.max_items, DigestItem.of(event), now
+        )
+
+    async def flush(
+        self, now: float | None = None, limit: int = 100, *, count_pending: bool = True
+    ) -> FlushResult:
+        """Send up to `limit` due windows, earliest first. `pending` is -1 without
+        `count_pending` (the timer's flushes, every second, need not count)."""
         now = self.clock() if now is None else now
         owner = uuid.uuid4().hex
         flushed = failed = dead_lettered = 0
@@ -159,14 +201,19 @@ class Digests:
             flushed += outcome == "sent"
             failed += outcome == "failed"
             dead_lettered += outcome == "dead-lettered"
-        pending = len(await self.store.pending(now))
+        pending = len(await self.store.pending(now)) if count_pending else -1
         return FlushResult(flushed, pending, failed, dead_lettered)
 
     async def _send(self, window_id: str, owner: str, now: float) -> str:
-        """One claimed window: "sent", "failed" (released) or "dead-lettered" (done)."""
+        """One claimed window: "sent", "empty" (done, nothing to tell), "failed" (released) or
+        "dead-lettered" (done)."""
         try:
             window = await self.store.read(window_id)
             route = self.routes.get(window.info.route)
+            if window.summary.count == 0:
+                # Opened by a leading event, which went out alone, and nothing followed.
+                await self.store.complete(window_id, owner, now)
+                return "empty"
             if route is None:
                 reason = f"route {window.info.route!r} is not a digest route any more"
                 log.error("digest of an unknown route", extra=_fields(window, reason=reason))
@@ -218,9 +265,10 @@ class Digests:
 
     def _notification(self, window: DigestWindow, route: DigestRoute) -> Notification:
         summary = window.summary
-        rendered = with_footer(
-            render_digest(summary, route.name), digest_footer(route.name, summary.count)
-        )
+        rendered = render_digest(summary, route.name)
+        if route.templates is not None:
+            rendered = route.templates.render(summary, route.name, rendered)
+        rendered = with_footer(rendered, digest_footer(route.name, summary.count))
         return Notification(
             key=f"digest:{window.info.window_id}",
             subject=rendered.subject,

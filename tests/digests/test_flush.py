@@ -19,10 +19,11 @@ from app.digests.flush import (
     DigestRoute,
     Digests,
     FlushResult,
+    RateLimit,
 )
 from app.digests.memory_store import MemoryDigestStore
 from app.digests.sqlite_store import SqliteDigestStore
-from app.digests.store import Added, Claim, DigestStore, DigestWindow, WindowInfo
+from app.digests.store import Added, Claim, DigestStore, DigestWindow, Taken, WindowInfo
 from app.digests.window import DigestItem
 from app.events.models import EventType, StorageEvent, StorageObjectData
 from app.notify.base import Notifier
@@ -234,10 +235,20 @@ class Yielding:
         self.store = store
 
     async def add(
-        self, route: str, window_seconds: float, max_items: int, item: DigestItem, now: float
+        self,
+        route: str,
+        window_seconds: float,
+        max_items: int,
+        item: DigestItem,
+        now: float,
+        leading_after: float | None = None,
     ) -> Added:
         await asyncio.sleep(0)
-        return await self.store.add(route, window_seconds, max_items, item, now)
+        return await self.store.add(route, window_seconds, max_items, item, now, leading_after)
+
+    async def take(self, route: str, limit: int, per_seconds: float, now: float) -> Taken:
+        await asyncio.sleep(0)
+        return await self.store.take(route, limit, per_seconds, now)
 
     async def due(self, now: float, limit: int) -> list[str]:
         await asyncio.sleep(0)
@@ -337,3 +348,70 @@ def test_a_route_with_more_recipients_than_one_message_takes_is_refused(
             dead_letters=None,
             lease_seconds=30,
         )
+
+
+LEADING = DigestRoute("uploads", RECIPIENTS, WINDOW, 100, leading=True)
+RATED = DigestRoute("invoices", RECIPIENTS, 3600, 100, rate=RateLimit(max=2, per_seconds=3600))
+
+
+def routed(store: DigestStore, notifier: Notifier, clock: Clock) -> Digests:
+    return Digests(
+        store=store,
+        notifier=notifier,
+        routes={route.name: route for route in (LEADING, RATED)},
+        sender=SENDER,
+        dead_letters=None,
+        lease_seconds=30,
+        clock=clock,
+    )
+
+
+def test_a_leading_window_nobody_joined_is_done_at_its_due_time_without_an_email(
+    opener: Opener, tmp_path: Path
+) -> None:
+    outbox = tmp_path / "outbox"
+
+    async def main() -> None:
+        store, clock = opener(), Clock()
+        try:
+            flow = routed(store, OutboxNotifier(outbox), clock)
+            first = await flow.join(LEADING.name, event(1))
+            assert first.leading
+            assert await flow.flush(NOW + WINDOW) == FlushResult(0, 0, 0)
+            # A window after that quiet spell leads again; one joined by a second event is sent.
+            clock.now = NOW + 2 * WINDOW + 1
+            assert (await flow.join(LEADING.name, event(2))).leading
+            assert not (await flow.join(LEADING.name, event(3))).leading
+            assert await flow.flush(clock.now + WINDOW) == FlushResult(1, 0, 0)
+        finally:
+            await store.aclose()
+
+    run(main)
+    sent = emails(outbox)
+    assert len(sent) == len(RECIPIENTS)
+    assert all("1 change " in str(message["Subject"]) for message in sent)
+    assert all("file-0003.csv" in body(m) and "file-0002" not in body(m) for m in sent)
+
+
+def test_a_rate_route_past_its_limit_gets_one_digest_when_the_period_ends(
+    opener: Opener, tmp_path: Path
+) -> None:
+    outbox = tmp_path / "outbox"
+
+    async def main() -> None:
+        store, clock = opener(), Clock()
+        try:
+            flow = routed(store, OutboxNotifier(outbox), clock)
+            taken = [await flow.take(RATED.name) for _ in range(5)]
+            assert [t.allowed for t in taken] == [True, True, False, False, False]
+            period_end = taken[-1].period_end
+            assert period_end == NOW + 3600
+            for n in range(3):
+                await flow.overflow(RATED.name, event(n), period_end)
+            assert await flow.flush(period_end - 1) == FlushResult(0, 1, 0)
+            assert await flow.flush(period_end) == FlushResult(1, 0, 0)
+        finally:
+            await store.aclose()
+
+    run(main)
+    assert all("3 changes" in str(m["Subject"]) for m in emails(outbox))
