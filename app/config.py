@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"  # Cloud Run requires 0.0.0.0; `make run` passes 127.0.0.1.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     google_cloud_project: str | None = None  # names the trace in Cloud Logging
+    k_service: str | None = None  # set by Cloud Run: the service's name
 
     notifier: Literal["outbox", "sendgrid"] | None = None
     notify_to: CommaList = Field(default_factory=list)

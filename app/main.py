@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import datetime as datetime_api
-from app.api import errors, events, health
+from app.api import digests, errors, events, health
 from app.api.openapi import document_event_route
 from app.config import Settings, load_settings
 from app.logs import current_trace, trace_from_header
@@ -139,6 +139,7 @@ def create_app(
     app.trace_project = settings.google_cloud_project
     errors.install(app)
     app.router.routes.append(events.route)
+    app.router.routes.extend(digests.routes)
     app.include_router(datetime_api.router)
     app.include_router(health.router)
     document_event_route(app)

@@ -11,14 +11,20 @@ a worker thread at start-up, not on the first event, so a bad file stops the ser
 (`on_fatal`): as soon as anything needs the rules (an event, /healthz, which is Cloud Run's
 start-up probe), or else 50 ms after the server starts, so that the first /datetime is not
 slowed by the load. Events and /healthz wait for the load; a bad file answers both with 503.
+
+When the rules have `digest` or `rate` routes, the event path is opened as soon as they load, and
+a timer flushes due digest windows every second: a restarted service sends the windows it left
+pending without waiting for an event. At SIGTERM the timer stops and one last flush sends the
+windows already due, within the grace period; the rest stay in the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -30,6 +36,8 @@ if TYPE_CHECKING:
 
     from app.delivery.pipeline import Pipeline
     from app.delivery.store import IdempotencyStore
+    from app.digests.flush import DigestRoute, Digests
+    from app.digests.store import DigestStore
     from app.notify.base import Notifier
     from app.rules.base import Router
     from app.security.tokens import TokenVerifier
@@ -38,6 +46,7 @@ log = logging.getLogger(__name__)
 
 LOAD_SWITCH_INTERVAL = 0.0005  # seconds; sys.getswitchinterval() is 0.005 by default
 RULES_LOAD_DELAY = 0.05  # seconds after start-up, unless something needs the rules sooner
+DIGEST_TICK = 1.0  # seconds between the timer's digest flushes
 
 
 def make_notifier(settings: Settings) -> Notifier:
@@ -107,12 +116,16 @@ class Runtime:
         *,
         notifier: Notifier | None = None,
         store: IdempotencyStore | None = None,
+        digest_store: DigestStore | None = None,
         on_loaded: Callable[[], None] | None = None,
         on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self._notifier = notifier
         self._store = store
+        self._digest_store = digest_store
+        self._flush_timer: asyncio.Task[None] | None = None
+        self._last_flush: asyncio.Task[object] | None = None
         self._on_loaded = on_loaded
         self._on_fatal = on_fatal
         self._rules: asyncio.Task[Router] | None = None
@@ -175,6 +188,16 @@ class Runtime:
             "routing rules loaded",
             extra={"rules": str(path), "routes": router.size, "seconds": round(elapsed, 3)},
         )
+        if router.digest_routes() and self._pipeline is None:
+            # Pending windows must go out after a restart without waiting for an event.
+            try:
+                self._pipeline = self._build_pipeline(router)
+            except ValueError as error:  # a digest route with more recipients than a message
+                message = f"NOTIFY_RULES: {error}"
+                log.critical("the rules file cannot be used", extra={"error": message})
+                if self._on_fatal is not None:
+                    self._on_fatal(message)
+                raise RulesUnavailable(str(error)) from None
         return router
 
     async def router(self) -> Router | None:
@@ -219,8 +242,35 @@ class Runtime:
         loop.call_soon_threadsafe(self._drain, grace_seconds)
 
     def _drain(self, grace_seconds: float) -> None:
-        if self._pipeline is not None and self._loop is not None:
-            self._pipeline.drain(self._loop.time() + grace_seconds)
+        if self._pipeline is None or self._loop is None:
+            return
+        self._pipeline.drain(self._loop.time() + grace_seconds)
+        digests = self._pipeline.digests
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+        if digests is not None and self._last_flush is None:
+            # The windows already due go out if the shutdown allows; the rest stay pending.
+            self._last_flush = self._loop.create_task(
+                asyncio.wait_for(digests.flush(), grace_seconds)
+            )
+
+    async def digests(self) -> Digests | None:
+        """The digest routes' windows and flush, or None when no route has a digest or rate."""
+        return (await self.pipeline()).digests
+
+    async def _flush_every_tick(self, digests: Digests) -> None:
+        from app.delivery.store import StoreUnavailable
+
+        while True:
+            await asyncio.sleep(DIGEST_TICK)
+            try:
+                await digests.flush(count_pending=False)
+            except StoreUnavailable as error:
+                log.warning(
+                    "digest flush failed; the next one tries again", extra={"reason": str(error)}
+                )
+            except Exception:
+                log.exception("digest flush failed; the next one tries again")
 
     def _build_pipeline(self, router: Router | None) -> Pipeline:
         from app.delivery.deadletter import DeadLetterBox
@@ -237,6 +287,8 @@ class Runtime:
         if notifier is None:
             notifier = make_notifier(settings)
             self._owned.push_async_callback(notifier.aclose)
+        routes = router.digest_routes() if router is not None else {}
+        digests = self._build_digests(routes, notifier) if routes else None
         log.info("event pipeline ready", extra={"notifier": notifier.name})
         pipeline = Pipeline(
             store=store,
@@ -244,12 +296,52 @@ class Runtime:
             router=router or DefaultRouter(settings.recipients, settings.sender),
             dead_letters=DeadLetterBox(settings.dead_letter_dir),
             lease_seconds=settings.claim_lease_seconds,
+            digests=digests,
         )
+        if digests is not None and self._loop is not None:
+            self._flush_timer = self._loop.create_task(self._flush_every_tick(digests))
         if self._on_loaded is not None:
             self._on_loaded()
         return pipeline
 
+    def _build_digests(self, routes: Mapping[str, DigestRoute], notifier: Notifier) -> Digests:
+        from app.digests.flush import DigestDeadLetterFolder, Digests
+        from app.digests.store import open_digest_store
+
+        settings = self.settings
+        store = self._digest_store
+        if store is None:
+            url = settings.idempotency_store
+            if settings.k_service and url.startswith("sqlite:"):
+                log.warning(
+                    "digest windows are kept in SQLite on Cloud Run: the file lives in the "
+                    "instance's memory, so pending digests are lost when the instance stops; "
+                    "set IDEMPOTENCY_STORE to a redis:// URL",
+                    extra={"store": url, "digest_routes": sorted(routes)},
+                )
+            store = open_digest_store(url)
+            self._owned.push_async_callback(store.aclose)
+        return Digests(
+            store=store,
+            notifier=notifier,
+            routes=routes,
+            sender=settings.sender,
+            dead_letters=DigestDeadLetterFolder(settings.dead_letter_dir),
+            lease_seconds=settings.claim_lease_seconds,
+        )
+
     async def aclose(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flush_timer
+        if self._last_flush is not None:
+            try:
+                await self._last_flush
+            except (TimeoutError, asyncio.CancelledError):
+                log.warning("the last digest flush was cut short; pending windows stay stored")
+            except Exception:
+                log.exception("the last digest flush failed; pending windows stay stored")
         if self._rules_soon is not None:
             self._rules_soon.cancel()
         if self._rules is not None:

@@ -15,11 +15,10 @@ from app.api.body import read_body
 from app.runtime import Runtime
 
 
-async def receive_event(request: Request) -> Response:
-    runtime: Runtime = request.app.state.runtime
+async def authorize(request: Request, runtime: Runtime) -> None:
+    """EVENT_AUTH's check, for events and for every route that acts on them (/digests)."""
     verifier = await runtime.verifier()
     if verifier is not None:
-        # Before the body is read: strangers cost us a header check, nothing more.
         # Cloud Run IAM checks X-Serverless-Authorization instead of Authorization when both
         # come; the verifier needs both to tell which token was checked.
         await verifier.verify(
@@ -27,6 +26,12 @@ async def receive_event(request: Request) -> Response:
             str(request.url),
             serverless_authorization=request.headers.get("x-serverless-authorization"),
         )
+
+
+async def receive_event(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    # Before the body is read: strangers cost us a header check, nothing more.
+    await authorize(request, runtime)
     body = await read_body(request)
     pipeline = await runtime.pipeline()
     result = await pipeline.receive(request.headers, body)
