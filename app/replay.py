@@ -3,8 +3,9 @@
 Each file in DIR is a structured-mode CloudEvent written by the dead-letter box. It is posted as
 `application/cloudevents+json` and removed only after a 2xx answer, so a failed replay loses
 nothing. A digest SendGrid rejected (`"kind": "digest"`, written beside the events) is not an
-event: it is listed and kept, for a person to read (it names the route and the objects). Where the service checks tokens (EVENT_AUTH=oidc), put an ID token of an invoker in
-REPLAY_ID_TOKEN (e.g. `gcloud auth print-identity-token`), not on the command line.
+event: it is listed and kept, for a person to read (it names the route and the objects). Where
+the service checks tokens (EVENT_AUTH=oidc), put an ID token of an invoker in REPLAY_ID_TOKEN
+(e.g. `gcloud auth print-identity-token`), not on the command line.
 """
 
 from __future__ import annotations
