@@ -82,6 +82,9 @@ class Settings(BaseSettings):
 
     idempotency_store: str = "sqlite:///./state/notifier.db"
     claim_lease_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # How often the in-process timer sends due digest windows; 0: never (POST /digests/flush and
+    # SIGTERM only, as on Cloud Run with CPU throttled between requests).
+    digest_flush_seconds: float = Field(default=1.0, ge=0, le=3600)
     dead_letter_dir: Path = Path("dead-letter")
 
     # oidc: the service checks Google's signature itself (a public service). iam: Cloud Run IAM

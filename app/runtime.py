@@ -13,9 +13,9 @@ start-up probe), or else 50 ms after the server starts, so that the first /datet
 slowed by the load. Events and /healthz wait for the load; a bad file answers both with 503.
 
 When the rules have `digest` or `rate` routes, the event path is opened as soon as they load, and
-a timer flushes due digest windows every second: a restarted service sends the windows it left
-pending without waiting for an event. At SIGTERM the timer stops and one last flush sends the
-windows already due, within the grace period; the rest stay in the store.
+a timer flushes due digest windows every DIGEST_FLUSH_SECONDS (1 s): a restarted service sends
+the windows it left pending without waiting for an event. At SIGTERM the timer stops and one last
+flush sends the windows already due, within the grace period; the rest stay in the store.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 LOAD_SWITCH_INTERVAL = 0.0005  # seconds; sys.getswitchinterval() is 0.005 by default
 RULES_LOAD_DELAY = 0.05  # seconds after start-up, unless something needs the rules sooner
-DIGEST_TICK = 1.0  # seconds between the timer's digest flushes
 
 
 def make_notifier(settings: Settings) -> Notifier:
@@ -258,11 +257,11 @@ class Runtime:
         """The digest routes' windows and flush, or None when no route has a digest or rate."""
         return (await self.pipeline()).digests
 
-    async def _flush_every_tick(self, digests: Digests) -> None:
+    async def _flush_every_tick(self, digests: Digests, seconds: float) -> None:
         from app.delivery.store import StoreUnavailable
 
         while True:
-            await asyncio.sleep(DIGEST_TICK)
+            await asyncio.sleep(seconds)
             try:
                 await digests.flush(count_pending=False)
             except StoreUnavailable as error:
@@ -298,8 +297,9 @@ class Runtime:
             lease_seconds=settings.claim_lease_seconds,
             digests=digests,
         )
-        if digests is not None and self._loop is not None:
-            self._flush_timer = self._loop.create_task(self._flush_every_tick(digests))
+        tick = settings.digest_flush_seconds
+        if digests is not None and self._loop is not None and tick > 0:
+            self._flush_timer = self._loop.create_task(self._flush_every_tick(digests, tick))
         if self._on_loaded is not None:
             self._on_loaded()
         return pipeline

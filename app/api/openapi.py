@@ -51,6 +51,8 @@ _ANSWERS_TABLE = """\
 | notified | `200 {"status": "sent", "id": …}` |
 | already notified (a redelivery, or the change published twice) | `200 {"status": "duplicate"}` |
 | a CloudEvent of a type this service does not handle | `200 {"status": "ignored"}` |
+| with rules: no route matched / a `drop` route matched | `200 {"status": "ignored"}` / `"dropped"` |
+| held for a digest: stored, sent as one email when its window closes | `200 {"status": "digested"}` |
 | the email provider rejected the message for good | `200 {"status": "dead-lettered"}` |
 | not a CloudEvent, a missing attribute, invalid JSON, data failing validation | `400` |
 | no or bad token / a token of another account (`EVENT_AUTH=oidc` or `iam`) | `401` / `403` |
@@ -252,7 +254,9 @@ def _responses(outcomes: list[str]) -> dict[str, Any]:
             "description": (
                 "Done with this event, nothing to deliver again: `sent` (notified), `duplicate`"
                 " (this change was already notified), `ignored` (a type this service does not"
-                " handle), `dead-lettered` (the email provider rejected the message for good;"
+                " handle, or no route matched), `dropped` (a `drop` route matched),"
+                " `digested` (held for a digest: stored, sent when its window closes),"
+                " `dead-lettered` (the email provider rejected the message for good;"
                 " the event is kept in `DEAD_LETTER_DIR` for `python -m app.replay`)."
             ),
             "content": {

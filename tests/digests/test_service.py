@@ -325,3 +325,37 @@ class TestFlushIsProtectedLikeEvents:
         answer = httpx.post(protected.url + "/digests/flush", headers=headers)
         assert answer.status_code == 200
         assert answer.json()["flushed"] == 0
+
+
+def test_sigterm_sends_the_due_windows_and_keeps_the_others_pending(tmp_path: Path) -> None:
+    path = tmp_path / "two-routes.yaml"
+    path.write_text(
+        textwrap.dedent(f"""
+        version: 1
+        routes:
+          - name: reports
+            match: {{prefix: reports/}}
+            to: [{OPS}]
+            digest: {{window: 1s}}
+          - name: later
+            match: {{prefix: later/}}
+            to: [{OPS}]
+            digest: {{window: 1h}}
+        """),
+        encoding="utf-8",
+    )
+    # No timer: only the shutdown can send the due window.
+    env = process_env(tmp_path, "", NOTIFY_RULES=str(path), DIGEST_FLUSH_SECONDS="0")
+    with ServiceProcess(env, tmp_path) as service:
+        for name in ("reports/a.csv", "reports/b.csv", "later/c.csv"):
+            assert deliver(service.url, object_data(name=name)).json()["status"] == "digested"
+        time.sleep(1.5)  # the reports window is due; nothing sends it yet
+        assert read_outbox(tmp_path / "outbox") == []
+        service.signal(signal.SIGTERM)
+        # uvicorn re-raises the signal once it has shut down cleanly: "terminated by SIGTERM".
+        assert service.wait(timeout=15) in (0, -signal.SIGTERM)
+    [digest] = read_outbox(tmp_path / "outbox")
+    assert subject(digest).startswith("[gs://some-bucket] 2 changes under reports/")
+    with ServiceProcess(env, tmp_path) as again:
+        windows = httpx.get(again.url + "/digests", timeout=10).json()["windows"]
+    assert [(w["route"], w["events"]) for w in windows] == [("later", 1)]
