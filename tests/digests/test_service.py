@@ -154,17 +154,38 @@ def test_the_same_change_delivered_twice_is_counted_once(tmp_path: Path) -> None
 def test_rate_overflow_is_folded_into_one_digest_when_the_period_ends(tmp_path: Path) -> None:
     settings = digest_settings(tmp_path, "rate: {max: 2, per: 3s}")
     with ThreadedServer(settings) as server:
-        answers = [deliver(server.url, object_data(name=f"reports/r{i}.csv")) for i in range(5)]
+        changes = [object_data(name=f"reports/r{i}.csv") for i in range(5)]
+        answers = [deliver(server.url, data) for data in changes]
         assert [a.json()["status"] for a in answers] == ["sent"] * 2 + ["digested"] * 3
         assert len(read_outbox(tmp_path / "outbox")) == 2
-        # A redelivery of an event already in the digest is not emailed alone either.
+        # Redeliveries, of one sent alone and of one held: neither is emailed again nor alone.
+        assert deliver(server.url, changes[0]).json()["status"] == "duplicate"
+        assert deliver(server.url, changes[2]).json()["status"] == "duplicate"
         [digest] = eventually(lambda: digest_emails(tmp_path / "outbox"))
         assert len(read_outbox(tmp_path / "outbox")) == 3
-        # The period is over: the next event goes out at once.
+        # The period is over: a held event's redelivery is still not emailed alone, and the
+        # next new event goes out at once.
+        assert deliver(server.url, changes[3]).json()["status"] == "duplicate"
         assert deliver(server.url, object_data(name="reports/new.csv")).json()["status"] == "sent"
+        assert len(read_outbox(tmp_path / "outbox")) == 4
     assert subject(digest).startswith("[gs://some-bucket] 3 changes under reports/")
     for name in ("reports/r2.csv", "reports/r3.csv", "reports/r4.csv"):
         assert name in text_of(digest)
+
+
+def test_a_digest_route_s_own_templates_render_the_window(tmp_path: Path) -> None:
+    route = """
+    digest: {window: 2s}
+    subject: "{{ count }} new files in {{ prefix }}"
+    text: "{% for item in items %}{{ item.name }};{% endfor %} +{{ more }}"
+    """
+    with ThreadedServer(digest_settings(tmp_path, route)) as server:
+        for i in range(3):
+            deliver(server.url, object_data(name=f"reports/t{i}.csv"))
+        [digest] = eventually(lambda: read_outbox(tmp_path / "outbox"))
+    assert subject(digest) == "3 new files in reports/"
+    assert text_of(digest).startswith("reports/t0.csv;reports/t1.csv;reports/t2.csv; +0")
+    assert "Sent by route reports as a digest of 3 changes" in text_of(digest)
 
 
 def test_get_digests_lists_pending_windows(tmp_path: Path) -> None:
