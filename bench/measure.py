@@ -40,10 +40,14 @@ class LoadRun:
     mails: Mails | None
     cpu_seconds: float  # the server's CPU time over the run (and the drain after it)
     problems: list[str]
+    processed: int | None = None  # events a digest route held in the store (no mail to count)
 
     @property
     def work_done(self) -> int:
-        """Events the server processed (mails accepted), or requests answered."""
+        """Events the server processed (mails accepted, or events held for a digest), or
+        requests answered."""
+        if self.processed is not None:
+            return self.processed
         return self.mails.accepted if self.mails is not None else self.result.requests
 
     @property
@@ -173,7 +177,7 @@ def load(
     if mails is not None:
         run.problems += check_mails(result.succeeded, mails, wrk.CONNECTIONS)
     server.check_alive()
-    _progress(run)
+    progress(run)
     return run
 
 
@@ -223,7 +227,7 @@ def top_up(
     series.pss_kib.append((series.events, server.pss_kib()))
 
 
-def _progress(run: LoadRun) -> None:
+def progress(run: LoadRun, extra: str = "") -> None:
     result = run.result
     line = (
         f"  {run.system:<16} {run.label:<18} {result.seconds:5.1f} s "
@@ -232,5 +236,6 @@ def _progress(run: LoadRun) -> None:
     )
     if run.mails is not None:
         line += f"  mails {run.mails.accepted:,} (+{run.mails.accepted - result.succeeded})"
+    line += extra
     line += "  OK" if not run.problems else "  !! " + "; ".join(run.problems)
     print(line, flush=True)

@@ -1,4 +1,5 @@
-"""The side-by-side table, the targets of issue 6 with PASS/FAIL, and the run's details."""
+"""The side-by-side table, the targets of issues 6, 10 and 11 with PASS/FAIL, and the run's
+details."""
 
 from __future__ import annotations
 
@@ -8,11 +9,20 @@ import statistics
 from collections.abc import Callable
 
 from bench import wrk
+from bench.digests import (
+    BURST_MAX_ITEMS,
+    FLUSH_TARGET_SECONDS,
+    MEMORY_TARGET_MIB,
+    WINDOW,
+    Burst,
+    StoreWork,
+)
 from bench.measure import EventSeries, LoadRun, Plan
 
 SERVICE, BASELINE, MINIMAL, QUIET = "service", "ff", "minimal", "service-warning"
 RULES_ROUTES = 1000  # issue 10: the large rules file
 ONE_ROUTE, MANY_ROUTES = "service-1-route", f"service-{RULES_ROUTES}-routes"
+DIGEST_ROUTE = "service-digest-route"  # issue 11: the 1-route file's route with a digest
 TIMES = "\N{MULTIPLICATION SIGN}"
 CEILING = wrk.CONNECTIONS / 0.1  # 80 requests in flight, each waiting 100 ms on SendGrid
 
@@ -26,6 +36,8 @@ class Figures:
     datetime: dict[str, LoadRun] = dataclasses.field(default_factory=dict)
     idle_pss_mib: dict[str, float] = dataclasses.field(default_factory=dict)  # minimal app
     rules_load_ms: float = float("nan")  # parse + validate + index the large file, in process
+    burst: Burst | None = None  # issue 11: 20,000 events in one window, one flush
+    store_work: StoreWork | None = None  # issue 11: per event, in process
     wall_seconds: float = 0.0
 
     def cold(self, system: str) -> float:
@@ -39,6 +51,8 @@ class Figures:
         found += [
             f"{name} /datetime: {p}" for name, run in self.datetime.items() for p in run.problems
         ]
+        if self.burst is not None:
+            found += [f"digest burst: {p}" for p in self.burst.problems]
         return found
 
 
@@ -302,8 +316,108 @@ def rules_targets(f: Figures) -> list[Target]:
     return found
 
 
+def digest_table(f: Figures) -> str:
+    """Issue 11: a digest route's events against the same route's immediate emails, and the
+    burst flushed as one email."""
+    immediate, digest = f.events.get(ONE_ROUTE), f.events.get(DIGEST_ROUTE)
+    lines = [
+        f"| 1 route, SendGrid 0 ms | immediate (an email per event) | digest (window {WINDOW}) "
+        "| digest ÷ immediate |",
+        "|---|--:|--:|--:|",
+    ]
+    for label, pick, pattern in (
+        ("events/s", "per_second", ",.0f"),
+        ("p50 latency (ms)", "p50_ms", ".1f"),
+        ("p99 latency (ms)", "p99_ms", ".1f"),
+    ):
+        a, b = _at_zero(immediate, pick), _at_zero(digest, pick)
+        lines.append(f"| {label} | {_fmt(a, pattern)} | {_fmt(b, pattern)} | {_ratio(b, a)} |")
+    a, b = _cpu_at_zero(immediate), _cpu_at_zero(digest)
+    lines.append(
+        f"| server CPU per event (ms) | {_fmt(a, '.2f')} | {_fmt(b, '.2f')} | {_ratio(b, a)} |"
+    )
+    work = f.store_work
+    if work is not None:
+        lines.append(
+            "| store work per event, in process (µs): claim + done mark, or `Digests.join` | "
+            f"{work.immediate_us:.1f} | {work.join_us:.1f} | "
+            f"{_ratio(work.join_us, work.immediate_us)} |"
+        )
+    burst = f.burst
+    if burst is None:
+        return "\n".join(lines)
+    lines += [
+        "",
+        f"| {burst.events:,} events into one window, then one flush (in process) | measured |",
+        "|---|--:|",
+        f"| joins, one at a time (events/s) | {burst.join_rate:,.0f} |",
+        f"| the flush: read, render, send one email (ms) | {burst.flush_seconds * 1000:,.1f} |",
+        f"| the flush's peak RSS over the RSS before it (MiB) | {burst.rss_peak_mib:.2f} |",
+        f"| the flush's tracemalloc peak (MiB) | {burst.traced_peak_mib:.2f} |",
+        f"| the email | {burst.listed} objects listed, “{burst.more_line}” |",
+    ]
+    return "\n".join(lines)
+
+
+def _cpu_at_zero(series: EventSeries | None) -> float:
+    if series is None or 0 not in series.runs:
+        return float("nan")
+    return series.runs[0].cpu_ms_per_request
+
+
+def digest_targets(f: Figures) -> list[Target]:
+    found: list[Target] = []
+    immediate, digest = f.events.get(ONE_ROUTE), f.events.get(DIGEST_ROUTE)
+    if immediate and digest and 0 in immediate.runs and 0 in digest.runs:
+        a, b = immediate.runs[0], digest.runs[0]
+        ratio = b.result.per_second / a.result.per_second
+        found.append(
+            Target(
+                "events/s at 0 ms on a digest route ≥ the same route emailing each event",
+                f"{ratio:.2f}{TIMES} ({b.result.per_second:,.0f} vs {a.result.per_second:,.0f})",
+                ratio >= 1.0,
+                not a.problems and not b.problems,
+            )
+        )
+    burst = f.burst
+    if burst is not None:
+        valid = not burst.problems
+        found.append(
+            Target(
+                f"one flush of {burst.events:,} events in one window < "
+                f"{FLUSH_TARGET_SECONDS:.0f} s",
+                f"{burst.flush_seconds * 1000:,.1f} ms",
+                burst.flush_seconds < FLUSH_TARGET_SECONDS,
+                valid,
+            )
+        )
+        extra = max(burst.traced_peak_mib, burst.rss_peak_mib)
+        found.append(
+            Target(
+                f"extra memory of that flush < {MEMORY_TARGET_MIB:.0f} MiB",
+                f"{burst.traced_peak_mib:.2f} MiB traced, +{burst.rss_peak_mib:.2f} MiB peak RSS",
+                extra < MEMORY_TARGET_MIB,
+                valid,
+            )
+        )
+        found.append(
+            Target(
+                f"that flush sends one email listing {BURST_MAX_ITEMS} objects, "
+                f"“{burst.expected_more}”",
+                f"{burst.listed} listed, “{burst.more_line}”",
+                burst.listed == BURST_MAX_ITEMS and burst.more_line == burst.expected_more,
+                valid,
+            )
+        )
+    return found
+
+
+def all_targets(f: Figures) -> list[Target]:
+    return targets(f) + rules_targets(f) + digest_targets(f)
+
+
 def targets_table(found: list[Target]) -> str:
-    lines = ["| target (issues 6 and 10) | measured | result |", "|---|---|---|"]
+    lines = ["| target (issues 6, 10 and 11) | measured | result |", "|---|---|---|"]
     lines += [f"| {t.text} | {t.measured} | {t.verdict} |" for t in found]
     return "\n".join(lines)
 
@@ -354,7 +468,15 @@ def details(f: Figures) -> str:
         lines.append(
             "Checks: every run answered 2xx only, with no socket errors, and the fake SendGrid "
             f"accepted one mail per 2xx answer (plus at most {wrk.CONNECTIONS} for the requests "
-            "in flight when wrk stopped counting)."
+            "in flight when wrk stopped counting); on the digest route, every 2xx answer was an "
+            "event in its window and no mail was sent."
+        )
+    if f.burst is not None and not f.burst.problems:
+        lines.append("")
+        lines.append(
+            f"Digest burst: the fake SendGrid accepted one email per window; the burst's names "
+            f"the first {BURST_MAX_ITEMS} objects in its text and HTML parts and no other; "
+            f"subject “{f.burst.subject}”."
         )
     return "\n".join(lines)
 
@@ -381,11 +503,15 @@ def render(f: Figures) -> str:
         "",
         "### Targets",
         "",
-        targets_table(targets(f) + rules_targets(f)),
+        targets_table(all_targets(f)),
         "",
         "### Routing rules (issue 10)",
         "",
         rules_table(f),
+        "",
+        "### Digests (issue 11)",
+        "",
+        digest_table(f),
         "",
     ]
     levels = log_level_table(f)

@@ -46,17 +46,26 @@ _MATCHING = """\
       suffix: ".csv"
     not: {{suffix: ".tmp"}}
     to: [{to}]
-"""
+{digest}"""
 
 
-def example_rules(n: int, to: Sequence[str] = ("ops@example.com",), *, rich: bool = True) -> str:
+def example_rules(
+    n: int,
+    to: Sequence[str] = ("ops@example.com",),
+    *,
+    rich: bool = True,
+    digest_window: str | None = None,
+) -> str:
     """A rules file of n routes: n - 1 routes for prefixes "team-0000/"... and, last, the route
     that the benchmark's events match ("reports/" ... ".csv", emailing `to`).
 
     rich: the filler routes use most of the format (events, prefix, a name glob, a size,
     metadata, a `not` list, two addresses, some `continue`: 10 lines, ~300 bytes each); else
     three lines each (prefix, suffix, one address: ~100 bytes). Loading costs in proportion to
-    the YAML nodes, so the rich file is the slower one to load; matching costs the same."""
+    the YAML nodes, so the rich file is the slower one to load; matching costs the same.
+
+    digest_window: the matching route gathers its events in a digest window of this length
+    (issue 11: "1h", so that no window closes during a run) instead of emailing each one."""
     if n < 1:
         raise ValueError("a rules file needs at least one route")
     filler = (
@@ -65,7 +74,9 @@ def example_rules(n: int, to: Sequence[str] = ("ops@example.com",), *, rich: boo
         else _PLAIN.format(i=i)
         for i in range(n - 1)
     )
-    return "version: 1\nroutes:\n" + "".join(filler) + _MATCHING.format(to=", ".join(to))
+    digest = f"    digest: {{window: {digest_window}}}\n" if digest_window else ""
+    matching = _MATCHING.format(to=", ".join(to), digest=digest)
+    return "version: 1\nroutes:\n" + "".join(filler) + matching
 
 
 def benchmark_event(number: int = 1) -> StorageEvent:
