@@ -474,8 +474,8 @@ def details(f: Figures) -> str:
     if f.burst is not None and not f.burst.problems:
         lines.append("")
         lines.append(
-            f"Digest burst: the fake SendGrid accepted one email per window; the burst's names "
-            f"the first {BURST_MAX_ITEMS} objects in its text and HTML parts and no other; "
+            "Digest burst: the fake SendGrid accepted one email per window; the burst's email "
+            f"names the first {BURST_MAX_ITEMS} objects in its text and HTML parts and no other; "
             f"subject “{f.burst.subject}”."
         )
     return "\n".join(lines)
