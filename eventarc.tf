@@ -1,14 +1,16 @@
 # Cloud Storage -> Eventarc -> Cloud Run -> email (README, "Deploy").
 #
 # Terraform owns the project wiring: APIs, two service accounts, IAM grants, the Cloud Run service,
-# one Eventarc trigger per Cloud Storage event type and an alert on each trigger's undelivered
-# events. Cloud Build (cloudbuild.yaml) owns the image: every `gcloud builds submit` deploys a new
+# and how the bucket's changes reach it (var.delivery): one Eventarc trigger per Cloud Storage event
+# type with an alert on each trigger's undelivered events, or the bucket's own Pub/Sub notification
+# config, a push subscription with a dead-letter topic, and one alert on both. Cloud Build (cloudbuild.yaml) owns the image: every `gcloud builds submit` deploys a new
 # revision of this same service, so Terraform ignores what `gcloud run deploy` changes (see
 # `lifecycle` below).
 #
 # Order (README): `terraform apply` creates the service without triggers, Cloud Build deploys the
-# real image, then `terraform apply -var create_triggers=true` connects the bucket. Until then the
-# service runs a placeholder image that would acknowledge any event without sending an email.
+# real image, then `terraform apply -var create_triggers=true` connects the bucket (triggers, or
+# notification config and push subscription). Until then the service runs a placeholder image that
+# would acknowledge any event without sending an email.
 #
 # Offline checks: tests/deploy/test_terraform.py (structure, via python-hcl2) and checkov
 # (.ci/check_deploy.sh). Argument names follow the hashicorp/google provider documentation.
@@ -58,9 +60,26 @@ variable "image" {
 }
 
 variable "create_triggers" {
-  description = "Create the Eventarc triggers. Set to true only once Cloud Build has deployed the real image (README order: apply, build, apply with true), and keep it true (terraform.tfvars): false deletes the triggers."
+  description = "Connect the bucket to the service: the Eventarc triggers, or with delivery = \"pubsub\" the notification config and the push subscription. Set to true only once Cloud Build has deployed the real image (README order: apply, build, apply with true), and keep it true (terraform.tfvars): false deletes them."
   type        = bool
   default     = false
+}
+
+variable "delivery" {
+  description = "How the bucket's changes reach the service. \"eventarc\": one Eventarc trigger per event type. \"pubsub\": a Cloud Storage notification config on the bucket publishes to a topic, and a push subscription posts each message to the service with the trigger account's token, dead-lettering it after 10 failed attempts. Choose pubsub to filter object names at the source (object_name_prefix) or to manage the delivery like the bucket's other notification configs."
+  type        = string
+  default     = "eventarc"
+
+  validation {
+    condition     = contains(["eventarc", "pubsub"], var.delivery)
+    error_message = "delivery must be \"eventarc\" (Eventarc triggers) or \"pubsub\" (a Cloud Storage notification config and a push subscription)."
+  }
+}
+
+variable "object_name_prefix" {
+  description = "With delivery = \"pubsub\": notify only about objects whose names begin with this (the notification config's object_name_prefix; Cloud Storage filters before publishing). Empty: every object. Eventarc has no such filter at the source; there, route by name in the rules file."
+  type        = string
+  default     = ""
 }
 
 variable "service" {
@@ -231,6 +250,17 @@ locals {
   # Host header is the caller's to choose, so the URL is built from what it is made of.
   event_audience = "https://${var.service}-${data.google_project.this.number}.${var.region}.run.app"
 
+  # var.delivery: which path exists. Either one connects the bucket only with create_triggers.
+  eventarc = var.delivery == "eventarc"
+  pubsub   = var.delivery == "pubsub"
+
+  # The same four changes as Cloud Storage names them in a notification config (JSON API).
+  notification_event_types = ["OBJECT_FINALIZE", "OBJECT_DELETE", "OBJECT_ARCHIVE", "OBJECT_METADATA_UPDATE"]
+
+  # Google creates the Pub/Sub service agent when the API is enabled. It mints the push
+  # subscription's tokens and forwards undeliverable messages to the dead-letter topic.
+  pubsub_service_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+
   # Eventarc's subscription name is projects/PROJECT/subscriptions/ID; Monitoring labels it by ID.
   subscription_ids = {
     for key, trigger in google_eventarc_trigger.storage :
@@ -312,24 +342,44 @@ resource "google_secret_manager_secret_iam_member" "runtime_reads_rules" {
   member    = "serviceAccount:${google_service_account.runtime.email}"
 }
 
+# Eventarc only: the triggers deliver as the trigger account, and the storage service agent
+# publishes into the topics Eventarc creates. With delivery = "pubsub" the agent may publish to this
+# configuration's topic only (google_pubsub_topic_iam_member.gcs_publishes_notifications).
 resource "google_project_iam_member" "trigger_receives_events" {
+  count = local.eventarc ? 1 : 0
+
   project = var.project
   role    = "roles/eventarc.eventReceiver"
   member  = "serviceAccount:${google_service_account.trigger.email}"
 }
 
 resource "google_project_iam_member" "gcs_publishes_events" {
+  count = local.eventarc ? 1 : 0
+
   project = var.project
   role    = "roles/pubsub.publisher"
   member  = "serviceAccount:${data.google_storage_project_service_account.gcs.email_address}"
 }
 
-# Eventarc docs: in projects created before 8 April 2021 the Pub/Sub service agent needs the right
-# to mint OIDC tokens for push deliveries; granted on the trigger account only, not project-wide.
+# Both paths end in a Pub/Sub push with the trigger account's OIDC token (Eventarc's own
+# subscriptions, or this configuration's). Eventarc and Pub/Sub docs: a Pub/Sub service agent
+# created on or before 8 April 2021 (without roles/pubsub.serviceAgent) needs the right to mint those
+# tokens; granted on the trigger account only, not project-wide, and harmless where not needed.
 resource "google_service_account_iam_member" "pubsub_signs_for_trigger" {
   service_account_id = google_service_account.trigger.name
   role               = "roles/iam.serviceAccountTokenCreator"
-  member             = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+  member             = local.pubsub_service_agent
+}
+
+# The two grants became conditional (delivery); their state moves rather than being re-created.
+moved {
+  from = google_project_iam_member.trigger_receives_events
+  to   = google_project_iam_member.trigger_receives_events[0]
+}
+
+moved {
+  from = google_project_iam_member.gcs_publishes_events
+  to   = google_project_iam_member.gcs_publishes_events[0]
 }
 
 # Cloud Build deploys with `gcloud run deploy`: it acts as the runtime account (this account
@@ -533,6 +583,11 @@ resource "google_cloud_run_v2_service" "notifier" {
       condition     = (var.rules_secret == "") == (var.rules_secret_version == "")
       error_message = "rules_secret and rules_secret_version go together: a secret ID and a version number, or neither (no rules file)."
     }
+
+    precondition {
+      condition     = var.object_name_prefix == "" || var.delivery == "pubsub"
+      error_message = "object_name_prefix filters a Cloud Storage notification config, so it needs delivery = \"pubsub\"; Eventarc triggers cannot filter by name (route by name in the rules file instead)."
+    }
   }
 
   depends_on = [
@@ -545,11 +600,12 @@ resource "google_cloud_run_v2_service" "notifier" {
 # ---------------------------------------------------------------------------------------------
 # One trigger per event type: each matches the type and the bucket, lives in the bucket's
 # location (Eventarc requires it) and posts CloudEvents to the service's "/". None before
-# var.create_triggers: the first revision's placeholder image would acknowledge every event.
+# var.create_triggers: the first revision's placeholder image would acknowledge every event. None
+# with delivery = "pubsub" either.
 # ---------------------------------------------------------------------------------------------
 
 resource "google_eventarc_trigger" "storage" {
-  for_each = var.create_triggers ? local.event_types : {}
+  for_each = var.create_triggers && local.eventarc ? local.event_types : {}
 
   name            = "${var.service}-${each.key}"
   location        = lower(data.google_storage_bucket.watched.location)
@@ -579,6 +635,143 @@ resource "google_eventarc_trigger" "storage" {
     google_project_iam_member.trigger_receives_events,
     google_service_account_iam_member.pubsub_signs_for_trigger,
     google_cloud_run_v2_service_iam_member.trigger_invokes,
+  ]
+}
+
+# ---------------------------------------------------------------------------------------------
+# delivery = "pubsub": the bucket's own notification config (Cloud Storage docs, "Pub/Sub
+# notifications for Cloud Storage") publishes each change to a topic, and a push subscription
+# posts it to the service's "/" in the wrapped push format, with the trigger account's OIDC token
+# for the audience the service checks (EVENT_AUDIENCE), exactly like Eventarc's deliveries. The
+# topics exist from the first apply; the notification config and the subscription, like the
+# triggers, only with var.create_triggers.
+# ---------------------------------------------------------------------------------------------
+
+# Messages are encrypted at rest with a Google-managed key, as Eventarc's own topics are. They
+# carry object metadata the bucket already holds, and the 7-day retention bounds them.
+resource "google_pubsub_topic" "notifications" {
+  #checkov:skip=CKV_GCP_83:Google-managed encryption, as for Eventarc's topics; a customer key would add a KMS key, its grants to the Pub/Sub and storage agents and its rotation for object metadata the bucket already holds
+  count = local.pubsub ? 1 : 0
+
+  name = "${var.service}-notifications"
+
+  depends_on = [google_project_service.apis]
+}
+
+# Where Pub/Sub forwards a message after 10 failed deliveries. A topic without a subscription
+# drops what it receives (Pub/Sub docs, "Dead-letter topics"), so the pull subscription below holds
+# them for 7 days, the longest Pub/Sub keeps a message.
+resource "google_pubsub_topic" "dead_letter" {
+  #checkov:skip=CKV_GCP_83:Google-managed encryption, as for the notifications topic whose messages it holds
+  count = local.pubsub ? 1 : 0
+
+  name = "${var.service}-dead-letter"
+
+  depends_on = [google_project_service.apis]
+}
+
+resource "google_pubsub_subscription" "dead_letter" {
+  count = local.pubsub ? 1 : 0
+
+  name                       = "${var.service}-dead-letter"
+  topic                      = google_pubsub_topic.dead_letter[0].id
+  message_retention_duration = "604800s"
+
+  expiration_policy {
+    ttl = "" # never: nobody pulls from it until something went wrong
+  }
+}
+
+# Cloud Storage publishes as its service agent, to this topic only (the provider's
+# google_storage_notification docs grant roles/pubsub.publisher on the topic).
+resource "google_pubsub_topic_iam_member" "gcs_publishes_notifications" {
+  count = local.pubsub ? 1 : 0
+
+  topic  = google_pubsub_topic.notifications[0].id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${data.google_storage_project_service_account.gcs.email_address}"
+}
+
+# Dead lettering (Pub/Sub docs, "Dead-letter topics", grant forwarding permissions): the Pub/Sub
+# service agent publishes to the dead-letter topic and acknowledges on the source subscription.
+# Without both, Pub/Sub neither counts the attempts nor forwards: it retries until retention ends.
+resource "google_pubsub_topic_iam_member" "pubsub_forwards_dead_letters" {
+  count = local.pubsub ? 1 : 0
+
+  topic  = google_pubsub_topic.dead_letter[0].id
+  role   = "roles/pubsub.publisher"
+  member = local.pubsub_service_agent
+}
+
+resource "google_pubsub_subscription_iam_member" "pubsub_acknowledges_dead_letters" {
+  count = var.create_triggers && local.pubsub ? 1 : 0
+
+  subscription = google_pubsub_subscription.push[0].id
+  role         = "roles/pubsub.subscriber"
+  member       = local.pubsub_service_agent
+}
+
+resource "google_pubsub_subscription" "push" {
+  count = var.create_triggers && local.pubsub ? 1 : 0
+
+  name  = "${var.service}-push"
+  topic = google_pubsub_topic.notifications[0].id
+
+  # How long Pub/Sub waits for the answer to a push before it counts a failed attempt: beyond the
+  # service's 60 s request timeout, so a slow send is answered (or ended by Cloud Run) first
+  # rather than pushed a second time while it runs.
+  ack_deadline_seconds = 90
+
+  # As long as Eventarc keeps an event. The service keeps done marks 25 hours, so a redelivery after
+  # that could send a second email; with the dead-letter policy a message leaves within about an
+  # hour anyway (10 attempts, backoff from 10 s to 10 min).
+  message_retention_duration = "86400s"
+
+  expiration_policy {
+    ttl = "" # never: the default expires a subscription after 31 days without deliveries
+  }
+
+  retry_policy {
+    minimum_backoff = "10s"
+    maximum_backoff = "600s"
+  }
+
+  dead_letter_policy {
+    dead_letter_topic     = google_pubsub_topic.dead_letter[0].id
+    max_delivery_attempts = 10
+  }
+
+  push_config {
+    push_endpoint = "${google_cloud_run_v2_service.notifier.uri}/"
+
+    oidc_token {
+      service_account_email = google_service_account.trigger.email
+      audience              = local.event_audience
+    }
+  }
+
+  depends_on = [
+    google_project_service.apis,
+    google_cloud_run_v2_service_iam_member.trigger_invokes,
+    google_service_account_iam_member.pubsub_signs_for_trigger,
+    google_pubsub_topic_iam_member.pubsub_forwards_dead_letters,
+  ]
+}
+
+# Created after the subscription, so no change is published to a topic nobody reads yet. The
+# provider's docs: depend on the publisher grant, or the first publish may meet an IAM race.
+resource "google_storage_notification" "bucket" {
+  count = var.create_triggers && local.pubsub ? 1 : 0
+
+  bucket             = var.bucket
+  topic              = google_pubsub_topic.notifications[0].id
+  payload_format     = "JSON_API_V1"
+  event_types        = local.notification_event_types
+  object_name_prefix = var.object_name_prefix == "" ? null : var.object_name_prefix
+
+  depends_on = [
+    google_pubsub_topic_iam_member.gcs_publishes_notifications,
+    google_pubsub_subscription.push,
   ]
 }
 
@@ -676,6 +869,59 @@ resource "google_monitoring_alert_policy" "undelivered_events" {
   depends_on = [google_project_service.apis]
 }
 
+# delivery = "pubsub": one alert on both ends of the push subscription. A message in the
+# dead-letter subscription was refused 10 times (a 5xx, or a 4xx the service gives a malformed or
+# unauthenticated push): read the logs, fix, and replay it (README, "Pub/Sub delivery"). A push
+# still unacknowledged after alert_after_seconds means attempts fail without being dead-lettered
+# (e.g. the forwarding grants are gone), and the subscription drops it 24 hours after publishing.
+resource "google_monitoring_alert_policy" "notifications_undelivered" {
+  count = var.create_triggers && local.pubsub ? 1 : 0
+
+  display_name          = "${var.service}: notifications dead-lettered or undelivered"
+  combiner              = "OR"
+  severity              = "ERROR"
+  notification_channels = var.alert_notification_channels
+
+  conditions {
+    display_name = "A notification was dead-lettered after 10 attempts"
+
+    condition_threshold {
+      filter          = "resource.type = \"pubsub_subscription\" AND metric.type = \"pubsub.googleapis.com/subscription/num_undelivered_messages\" AND resource.labels.subscription_id = \"${google_pubsub_subscription.dead_letter[0].name}\""
+      comparison      = "COMPARISON_GT"
+      threshold_value = 0
+      duration        = "0s"
+
+      aggregations {
+        alignment_period   = "60s"
+        per_series_aligner = "ALIGN_MAX"
+      }
+    }
+  }
+
+  conditions {
+    display_name = "Oldest undelivered notification older than ${var.alert_after_seconds} s"
+
+    condition_threshold {
+      filter          = "resource.type = \"pubsub_subscription\" AND metric.type = \"pubsub.googleapis.com/subscription/oldest_unacked_message_age\" AND resource.labels.subscription_id = \"${google_pubsub_subscription.push[0].name}\""
+      comparison      = "COMPARISON_GT"
+      threshold_value = var.alert_after_seconds
+      duration        = "0s"
+
+      aggregations {
+        alignment_period   = "60s"
+        per_series_aligner = "ALIGN_MAX"
+      }
+    }
+  }
+
+  documentation {
+    mime_type = "text/markdown"
+    content   = "Pub/Sub could not deliver a change of gs://${var.bucket} to ${var.service}: it is in subscription ${google_pubsub_subscription.dead_letter[0].name} (kept 7 days) or still retried by ${google_pubsub_subscription.push[0].name} (dropped 24 hours after publishing). Read the service's errors: `gcloud run services logs read ${var.service} --region=${var.region} --log-filter='severity>=WARNING'`, then replay (README, \"Pub/Sub delivery\")."
+  }
+
+  depends_on = [google_project_service.apis]
+}
+
 # ---------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------
@@ -688,6 +934,21 @@ output "service_url" {
 output "trigger_names" {
   description = "Eventarc trigger of each Cloud Storage event type."
   value       = { for key, trigger in google_eventarc_trigger.storage : local.event_types[key] => trigger.name }
+}
+
+output "pubsub_topic" {
+  description = "Topic the bucket's notification config publishes to (null with delivery = \"eventarc\")."
+  value       = one(google_pubsub_topic.notifications[*].name)
+}
+
+output "pubsub_subscription" {
+  description = "Push subscription that delivers the notifications to the service (null with delivery = \"eventarc\", or before create_triggers)."
+  value       = one(google_pubsub_subscription.push[*].name)
+}
+
+output "dead_letter_subscription" {
+  description = "Subscription holding the notifications dead-lettered after 10 attempts, for 7 days (null with delivery = \"eventarc\")."
+  value       = one(google_pubsub_subscription.dead_letter[*].name)
 }
 
 output "event_audience" {

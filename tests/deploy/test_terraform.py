@@ -243,6 +243,60 @@ DOCUMENTED: dict[str, Schema] = {
         "pubsub_target": {"topic_name": None, "data": None, "attributes": None},
         "app_engine_http_target": None,
     },
+    "google_pubsub_topic": {
+        "name": None,
+        "project": None,
+        "labels": None,
+        "kms_key_name": None,
+        "message_retention_duration": None,
+        "message_storage_policy": {"allowed_persistence_regions": None, "enforce_in_transit": None},
+        "schema_settings": {"schema": None, "encoding": None},
+    },
+    "google_pubsub_subscription": {
+        "name": None,
+        "topic": None,
+        "project": None,
+        "labels": None,
+        "ack_deadline_seconds": None,
+        "message_retention_duration": None,
+        "retain_acked_messages": None,
+        "filter": None,
+        "enable_message_ordering": None,
+        "enable_exactly_once_delivery": None,
+        "expiration_policy": {"ttl": None},
+        "retry_policy": {"minimum_backoff": None, "maximum_backoff": None},
+        "dead_letter_policy": {"dead_letter_topic": None, "max_delivery_attempts": None},
+        "push_config": {
+            "push_endpoint": None,
+            "attributes": None,
+            "oidc_token": {"service_account_email": None, "audience": None},
+            "no_wrapper": {"write_metadata": None},
+        },
+        "bigquery_config": None,
+        "cloud_storage_config": None,
+    },
+    "google_pubsub_topic_iam_member": {
+        "topic": None,
+        "project": None,
+        "role": None,
+        "member": None,
+        "condition": _IAM_CONDITION,
+    },
+    "google_pubsub_subscription_iam_member": {
+        "subscription": None,
+        "project": None,
+        "role": None,
+        "member": None,
+        "condition": _IAM_CONDITION,
+    },
+    "google_storage_notification": {
+        "bucket": None,
+        "payload_format": None,
+        "topic": None,
+        "custom_attributes": None,
+        "event_types": None,
+        "object_name_prefix": None,
+    },
     "data.google_project": {"project_id": None},
     "data.google_storage_bucket": {"name": None, "project": None},
     "data.google_storage_project_service_account": {"project": None, "user_project": None},
@@ -308,6 +362,78 @@ def evaluate(expression: str, variables: dict[str, Any]) -> Any:
     """A `var.NAME ? A : B` conditional under the given variable values."""
     name, if_true, if_false = conditional(expression)
     return if_true if variables[name] else if_false
+
+
+DELIVERIES = ("eventarc", "pubsub")
+
+_TOKEN = re.compile(
+    r'\s*(?:(?P<string>"[^"\\]*")|(?P<number>\d+)|(?P<name>(?:var|local)\.\w+)'
+    r"|(?P<op>==|!=|&&|\|\||!|\?|:|\(|\)|\{\}|\[\]|true\b|false\b|null\b))"
+)
+_PYTHON_OPERATORS = {"&&": "and", "||": "or", "!": "not", "true": "True", "false": "False"}
+
+
+def value(tf: dict[str, Any], expression: str, variables: dict[str, Any]) -> Any:
+    """A count or for_each expression of this file under the given variables, as Terraform would
+    compute it: var. and local. references (locals computed in turn), string and number literals,
+    null, {} and [], ==, !=, &&, ||, ! and parentheses, and one `CONDITION ? A : B`. Anything else
+    fails, so an expression these tests cannot read is never silently taken as true."""
+    match = re.fullmatch(r"\$\{(.*)\}", expression, re.S)
+    assert match, expression
+    text, position = match[1].rstrip(), 0
+    words: list[str] = []
+    names: dict[str, Any] = {}
+    while position < len(text):
+        token = _TOKEN.match(text, position)
+        assert token, (text, position)
+        position = token.end()
+        if token["string"] is not None:
+            words.append(repr(token["string"][1:-1]))
+        elif token["number"] is not None:
+            words.append(token["number"])
+        elif token["name"] is not None:
+            kind, _, name = token["name"].partition(".")
+            if kind == "var":
+                resolved = variables[name]
+            else:
+                local = locals_(tf)[name]
+                is_expression = isinstance(local, str) and local.startswith("${")
+                resolved = value(tf, local, variables) if is_expression else local
+            names[f"_{len(names)}"] = resolved
+            words.append(f"_{len(names) - 1}")
+        else:
+            op = token["op"]
+            words.append("None" if op == "null" else _PYTHON_OPERATORS.get(op, op))
+    if "?" in words:
+        question = words.index("?")
+        colon = words.index(":", question)
+        assert "?" not in words[question + 1 :], "one conditional only"
+        condition, if_true, if_false = (
+            " ".join(words[:question]),
+            " ".join(words[question + 1 : colon]),
+            " ".join(words[colon + 1 :]),
+        )
+        python = f"({if_true}) if ({condition}) else ({if_false})"
+    else:
+        python = " ".join(words)
+    # Only the tokens above reach eval: names, literals and operators, no calls or attributes.
+    return eval(python, {"__builtins__": {}}, names)
+
+
+def test_value_computes_terraform_conditionals() -> None:
+    tf: dict[str, Any] = {"locals": [{"on": '${var.mode == "a"}', "items": {"k": "v"}}]}
+    assert value(tf, "${local.on ? 1 : 0}", {"mode": "a"}) == 1
+    assert value(tf, "${local.on ? 1 : 0}", {"mode": "b"}) == 0
+    assert value(tf, "${var.go && local.on ? local.items : {}}", {"go": True, "mode": "a"}) == {
+        "k": "v"
+    }
+    assert value(tf, "${var.go && local.on ? local.items : {}}", {"go": False, "mode": "a"}) == {}
+    assert value(tf, '${var.p == "" ? null : var.p}', {"p": ""}) is None
+    assert value(tf, '${var.p == "" ? null : var.p}', {"p": "x/"}) == "x/"
+    assert value(tf, "${!var.go || var.go}", {"go": False}) is True
+    for unreadable in ("${length(var.x) > 0 ? 1 : 0}", "${var.a ? 1 : var.b ? 2 : 3}", "1"):
+        with pytest.raises((AssertionError, KeyError)):
+            value(tf, unreadable, {"x": [], "a": True, "b": True})
 
 
 def public_grant(tf: dict[str, Any]) -> dict[str, Any]:
@@ -386,7 +512,8 @@ def test_version_constraint_reader_follows_terraform() -> None:
 def test_one_trigger_per_storage_event_type(tf: dict[str, Any]) -> None:
     _, trigger = only(of_type(tf, "google_eventarc_trigger"))
     reference = re.fullmatch(
-        r"\$\{var\.create_triggers \? local\.(\w+) : \{\}\}", trigger["for_each"]
+        r"\$\{var\.create_triggers && local\.eventarc \? local\.(\w+) : \{\}\}",
+        trigger["for_each"],
     )
     assert reference, "once created, the triggers iterate over a local map of event types"
     event_types = locals_(tf)[reference[1]]
@@ -445,6 +572,8 @@ def test_trigger_account_receives_events(tf: dict[str, Any]) -> None:
     receivers = grants(tf, "google_project_iam_member", "roles/eventarc.eventReceiver")
     _, grant = only(receivers)
     assert grant["member"] == "serviceAccount:" + account_email(tf, "trigger")
+    for delivery, expected in (("eventarc", 1), ("pubsub", 0)):
+        assert value(tf, grant["count"], {"delivery": delivery}) == expected
 
 
 def test_storage_service_agent_may_publish_events(tf: dict[str, Any]) -> None:
@@ -456,6 +585,9 @@ def test_storage_service_agent_may_publish_events(tf: dict[str, Any]) -> None:
     assert len(agents) == 1
     _, grant = only(grants(tf, "google_project_iam_member", "roles/pubsub.publisher"))
     assert grant["member"] == "serviceAccount:${data." + next(iter(agents)) + ".email_address}"
+    # Project-wide only for Eventarc's own topics; the Pub/Sub path grants on its topic alone.
+    for delivery, expected in (("eventarc", 1), ("pubsub", 0)):
+        assert value(tf, grant["count"], {"delivery": delivery}) == expected
 
 
 def test_triggers_wait_for_the_grants_they_need(tf: dict[str, Any]) -> None:
@@ -603,7 +735,9 @@ def test_no_trigger_exists_before_the_real_image_is_deployed(tf: dict[str, Any])
     placeholder = variables["image"].get("default")
     _, trigger = only(of_type(tf, "google_eventarc_trigger"))
     if placeholder is not None:
-        assert trigger["for_each"] == "${var.create_triggers ? local.event_types : {}}"
+        for delivery in DELIVERIES:
+            before_the_build = {"create_triggers": False, "delivery": delivery}
+            assert value(tf, trigger["for_each"], before_the_build) == {}
         assert variables["create_triggers"]["type"] == "bool"
         assert variables["create_triggers"]["default"] is False
 
@@ -690,7 +824,11 @@ def test_rules_version_is_a_pinned_number_given_with_the_secret(tf: dict[str, An
     for refused in NOT_PINNED_VERSIONS:
         assert not passes(refused), refused
     _, body = service(tf)
-    (pairing,) = single(body["lifecycle"])["precondition"]
+    (pairing,) = [
+        check
+        for check in single(body["lifecycle"])["precondition"]
+        if "rules_secret_version" in check["condition"]
+    ]
     assert pairing["condition"] == '${(var.rules_secret == "") == (var.rules_secret_version == "")}'
     assert "rules_secret_version" in pairing["error_message"]
 
@@ -770,7 +908,9 @@ def test_each_triggers_subscription_alerts_long_before_eventarc_drops_events(
     tf: dict[str, Any],
 ) -> None:
     trigger_address, _ = only(of_type(tf, "google_eventarc_trigger"))
-    _, policy = only(of_type(tf, "google_monitoring_alert_policy"))
+    _, policy = only(
+        {a: p for a, p in of_type(tf, "google_monitoring_alert_policy").items() if "for_each" in p}
+    )
     assert policy["for_each"] == "${" + trigger_address + "}"
     condition = single(single(policy["conditions"])["condition_threshold"])
     metric = "pubsub.googleapis.com/subscription/oldest_unacked_message_age"
@@ -969,7 +1109,7 @@ def test_inputs_are_variables(tf: dict[str, Any]) -> None:
     expected |= {"deletion_protection", "create_triggers", "cloud_build_service_account"}
     expected |= {"alert_after_seconds", "alert_notification_channels"}
     expected |= {"rules_secret", "rules_secret_version"}
-    expected |= {"digest_schedule"}
+    expected |= {"digest_schedule", "delivery", "object_name_prefix"}
     assert expected <= set(declared)
     for name, variable in declared.items():
         assert variable.get("description"), f"variable {name} has no description"
