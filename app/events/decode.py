@@ -1,8 +1,11 @@
-"""HTTP request -> StorageEvent, with the CloudEvents SDK doing the protocol binding.
+"""HTTP request -> StorageEvent, whichever way the storage change arrived.
 
-CloudEvents HTTP binding 1.0: binary mode carries attributes in `ce-*` headers and the data
-in the body (what Eventarc sends); structured mode carries the whole event as
-`application/cloudevents+json`.
+CloudEvents first, on the headers alone, because Eventarc carries the load. CloudEvents HTTP
+binding 1.0: binary mode carries attributes in `ce-*` headers and the data in the body (what
+Eventarc sends); structured mode carries the whole event as `application/cloudevents+json`; the
+CloudEvents SDK does the protocol binding. Eventarc's Pub/Sub trigger (messagePublished) and
+the Pub/Sub pushes are read in `app.events.pubsub`, 1st-gen background events in
+`app.events.legacy`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from cloudevents.core.exceptions import BaseCloudEventException
 from dateutil.parser import isoparse
 from pydantic import ValidationError
 
+from app.events import legacy, pubsub
+from app.events.change import SURROGATE_ESCAPE, refuse_lone_surrogates
 from app.events.errors import EventDecodeError
 from app.events.models import EventType, StorageEvent, StorageObjectData, UnhandledEvent
 
@@ -29,40 +34,77 @@ STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 _JSON = re.compile(r"^(application|text)/([a-zA-Z0-9\-.]+\+)?json\s*(;.*)?$", re.IGNORECASE)
 _REQUIRED = ("specversion", "id", "source", "type")
-# JSON may spell a UTF-16 surrogate as an escape; a lone one is valid JSON but no character, and
-# could never be written into an email or a response. Pairs (emoji) are fine.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 _CORE_ATTRIBUTES = frozenset(
     {"id", "source", "type", "specversion", "subject", "time", "datacontenttype", "dataschema"}
 )
 
 
+NOT_RECOGNISED = (
+    "not a CloudEvent, Pub/Sub push or 1st-gen event: expected ce-* headers (binary mode), "
+    f"Content-Type {STRUCTURED} (structured mode), a Pub/Sub push body "
+    '{"message": {...}, "subscription": ...}, an unwrapped Pub/Sub push with its '
+    'x-goog-pubsub-* headers, or a background event {"context": {...}, "data": {...}}'
+)
+NO_ATTRIBUTE_HEADERS = (
+    "a Cloud Storage object without its notification attributes: an unwrapped Pub/Sub push "
+    "subscription must enable write_metadata, so that eventType, bucketId and objectId arrive "
+    "as headers"
+)
+
+
 def decode_event(headers: Mapping[str, str], body: bytes) -> StorageEvent | UnhandledEvent:
-    cloud_event = _parse_cloud_event(headers, body)
+    lowered = {name.lower(): value for name, value in headers.items()}
+    content_type = lowered.get("content-type", "").split(";", 1)[0].strip().lower()
+    binary = any(name.startswith("ce-") for name in lowered)
+    if not binary and content_type not in (STRUCTURED, BATCH):
+        return _decode_other(lowered, body)
+    cloud_event = _parse_cloud_event(lowered, content_type, binary, body)
     attributes = cloud_event.get_attributes()
-    if _SURROGATE_ESCAPE.search(body):
+    if SURROGATE_ESCAPE.search(body):
         _refuse_lone_surrogates(attributes, cloud_event.get_data())
     event_type = str(attributes["type"])
     try:
         known_type = EventType(event_type)
     except ValueError:
+        if event_type == pubsub.MESSAGE_PUBLISHED:
+            return pubsub.from_message_published(
+                str(attributes["id"]), str(attributes["source"]), cloud_event.get_data()
+            )
         return UnhandledEvent(
             id=str(attributes["id"]), source=str(attributes["source"]), type=event_type
         )
     return _storage_event(known_type, attributes, cloud_event.get_data())
 
 
-def _parse_cloud_event(headers: Mapping[str, str], body: bytes) -> BaseCloudEvent:
-    lowered = {name.lower(): value for name, value in headers.items()}
-    content_type = lowered.get("content-type", "").split(";", 1)[0].strip().lower()
-    binary = any(name.startswith("ce-") for name in lowered)
+def _decode_other(headers: Mapping[str, str], body: bytes) -> StorageEvent | UnhandledEvent:
+    """Not a CloudEvent: a Pub/Sub push (wrapped or not) or a 1st-gen background event."""
+    if pubsub.has_storage_headers(headers):
+        return pubsub.from_unwrapped(headers, body)
+    try:
+        document = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        document = None
+    if isinstance(document, dict):
+        if SURROGATE_ESCAPE.search(body):
+            refuse_lone_surrogates(document)
+        if "message" in document:
+            return pubsub.from_push(document)
+        if legacy.is_background_event(document):
+            return legacy.from_background_event(document)
+    if pubsub.is_unwrapped(headers):
+        return pubsub.ignored_unwrapped(headers)
+    if isinstance(document, dict) and (
+        document.get("kind") == "storage#object" or ("bucket" in document and "name" in document)
+    ):
+        raise EventDecodeError(NO_ATTRIBUTE_HEADERS)
+    raise EventDecodeError(NOT_RECOGNISED)
+
+
+def _parse_cloud_event(
+    lowered: dict[str, str], content_type: str, binary: bool, body: bytes
+) -> BaseCloudEvent:
     if content_type == BATCH:
         raise EventDecodeError("batched CloudEvents are not supported; send one event per request")
-    if not binary and content_type != STRUCTURED:
-        raise EventDecodeError(
-            "not a CloudEvent: expected ce-* headers (binary mode) "
-            f"or Content-Type {STRUCTURED} (structured mode)"
-        )
     if binary:
         _check_binary_body(lowered, body)
         missing = [f"ce-{name}" for name in _REQUIRED if not lowered.get(f"ce-{name}")]
