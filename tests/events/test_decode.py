@@ -121,10 +121,22 @@ def test_unknown_type_needs_no_storage_data() -> None:
 
 
 def test_plain_json_without_ce_headers_is_not_a_cloud_event() -> None:
-    error = refusal({"content-type": "application/json"}, json.dumps(object_data()).encode())
+    error = refusal({"content-type": "application/json"}, b'{"hello": "world"}')
     assert "not a CloudEvent" in error.detail
     assert "ce-" in error.detail
     assert "application/cloudevents+json" in error.detail
+    assert '{"message": {...}, "subscription": ...}' in error.detail
+    assert '{"context": {...}, "data": {...}}' in error.detail
+
+
+@pytest.mark.parametrize("body", [b"", b"not json", b"[1, 2]", b'"text"', b"\xff\xfe", b"null"])
+def test_body_that_is_no_json_object_without_ce_headers_is_not_recognised(body: bytes) -> None:
+    assert "not a CloudEvent" in refusal({"content-type": "application/json"}, body).detail
+
+
+def test_storage_object_without_ce_or_attribute_headers_names_write_metadata() -> None:
+    error = refusal({"content-type": "application/json"}, json.dumps(object_data()).encode())
+    assert "write_metadata" in error.detail
 
 
 def test_no_headers_at_all_is_not_a_cloud_event() -> None:
