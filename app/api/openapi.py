@@ -51,8 +51,8 @@ _ANSWERS_TABLE = """\
 | notified | `200 {"status": "sent", "id": …}` |
 | already notified (a redelivery, or the change published twice) | `200 {"status": "duplicate"}` |
 | a CloudEvent of a type this service does not handle | `200 {"status": "ignored"}` |
-| with rules: no route matched / a `drop` route matched | `200 {"status": "ignored"}` / `"dropped"` |
-| held for a digest: stored, sent as one email when its window closes | `200 {"status": "digested"}` |
+| rules: no route matched / a `drop` route matched | `200 {"status": "ignored"}` / `"dropped"` |
+| held for a digest: stored, sent when its window closes | `200 {"status": "digested"}` |
 | the email provider rejected the message for good | `200 {"status": "dead-lettered"}` |
 | not a CloudEvent, a missing attribute, invalid JSON, data failing validation | `400` |
 | no or bad token / a token of another account (`EVENT_AUTH=oidc` or `iam`) | `401` / `403` |
