@@ -107,6 +107,13 @@ def _when(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
 
 
+# A Cloud Storage Pub/Sub notification with payload format NONE names the object, nothing more.
+NO_PAYLOAD = (
+    "size, content type, storage class, times and custom metadata: the Pub/Sub notification "
+    "was created with payload format NONE (use JSON_API_V1 to have them)"
+)
+
+
 def render(event: StorageEvent, headline: str) -> Rendered:
     """`headline` says what happened in words: "was uploaded", "was deleted", ..."""
     data = event.data
@@ -127,6 +134,8 @@ def render(event: StorageEvent, headline: str) -> Rendered:
         ("Deleted", _when(data.time_deleted)),
     ]
     rows += [(f"Metadata: {key}", value) for key, value in sorted((data.metadata or {}).items())]
+    if event.extensions.get("payloadformat") == "NONE":
+        rows.append(("Not known", NO_PAYLOAD))
     # Made visible once, labels too (a metadata key is user data), then used by both parts.
     shown = [(visible(label), visible(value)) for label, value in rows if value is not None]
     link = console_url(bucket, name)

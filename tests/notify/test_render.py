@@ -413,3 +413,19 @@ def test_console_link_in_both_parts_opens_the_object_named_with_dot_segments() -
     [href] = Page(result.html).hrefs
     assert href == CONSOLE + "some-bucket/..%2F..%2F..%2Fetc/passwd"
     assert f"Open in the Cloud Console: {href}" in result.text
+
+
+def test_a_notification_without_payload_says_what_it_cannot_know() -> None:
+    bare = StorageEvent(
+        id="123",
+        source="//storage.googleapis.com/projects/_/buckets/some-bucket",
+        type=EventType.FINALIZED,
+        extensions={"payloadformat": "NONE"},
+        data=StorageObjectData(bucket="some-bucket", name="a.txt", generation=7),
+    )
+    text = render(bare, "was uploaded").text
+    assert "Not known:" in text
+    assert "payload format NONE" in text
+    assert "payload format NONE" in render(bare, "was uploaded").html
+    full = render(event(), "was uploaded")
+    assert "Not known" not in full.text
