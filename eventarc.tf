@@ -3,9 +3,9 @@
 # Terraform owns the project wiring: APIs, two service accounts, IAM grants, the Cloud Run service,
 # and how the bucket's changes reach it (var.delivery): one Eventarc trigger per Cloud Storage event
 # type with an alert on each trigger's undelivered events, or the bucket's own Pub/Sub notification
-# config, a push subscription with a dead-letter topic, and one alert on both. Cloud Build (cloudbuild.yaml) owns the image: every `gcloud builds submit` deploys a new
-# revision of this same service, so Terraform ignores what `gcloud run deploy` changes (see
-# `lifecycle` below).
+# config, a push subscription with a dead-letter topic, and one alert on both. Cloud Build
+# (cloudbuild.yaml) owns the image: every `gcloud builds submit` deploys a new revision of this
+# same service, so Terraform ignores what `gcloud run deploy` changes (see `lifecycle` below).
 #
 # Order (README): `terraform apply` creates the service without triggers, Cloud Build deploys the
 # real image, then `terraform apply -var create_triggers=true` connects the bucket (triggers, or
@@ -255,7 +255,12 @@ locals {
   pubsub   = var.delivery == "pubsub"
 
   # The same four changes as Cloud Storage names them in a notification config (JSON API).
-  notification_event_types = ["OBJECT_FINALIZE", "OBJECT_DELETE", "OBJECT_ARCHIVE", "OBJECT_METADATA_UPDATE"]
+  notification_event_types = [
+    "OBJECT_FINALIZE",
+    "OBJECT_DELETE",
+    "OBJECT_ARCHIVE",
+    "OBJECT_METADATA_UPDATE",
+  ]
 
   # Google creates the Pub/Sub service agent when the API is enabled. It mints the push
   # subscription's tokens and forwards undeliverable messages to the dead-letter topic.
@@ -363,8 +368,8 @@ resource "google_project_iam_member" "gcs_publishes_events" {
 
 # Both paths end in a Pub/Sub push with the trigger account's OIDC token (Eventarc's own
 # subscriptions, or this configuration's). Eventarc and Pub/Sub docs: a Pub/Sub service agent
-# created on or before 8 April 2021 (without roles/pubsub.serviceAgent) needs the right to mint those
-# tokens; granted on the trigger account only, not project-wide, and harmless where not needed.
+# created on or before 8 April 2021 (without roles/pubsub.serviceAgent) needs the right to mint
+# those tokens; granted on the trigger account only, not project-wide; harmless where not needed.
 resource "google_service_account_iam_member" "pubsub_signs_for_trigger" {
   service_account_id = google_service_account.trigger.name
   role               = "roles/iam.serviceAccountTokenCreator"
@@ -871,9 +876,10 @@ resource "google_monitoring_alert_policy" "undelivered_events" {
 
 # delivery = "pubsub": one alert on both ends of the push subscription. A message in the
 # dead-letter subscription was refused 10 times (a 5xx, or a 4xx the service gives a malformed or
-# unauthenticated push): read the logs, fix, and replay it (README, "Pub/Sub delivery"). A push
-# still unacknowledged after alert_after_seconds means attempts fail without being dead-lettered
-# (e.g. the forwarding grants are gone), and the subscription drops it 24 hours after publishing.
+# unauthenticated push): read the logs, fix the cause, and replay it (README, "Eventarc or Pub/Sub
+# delivery"). A push still unacknowledged after alert_after_seconds means attempts fail without
+# being dead-lettered (e.g. the forwarding grants are gone), and the subscription drops it 24 hours
+# after it was published.
 resource "google_monitoring_alert_policy" "notifications_undelivered" {
   count = var.create_triggers && local.pubsub ? 1 : 0
 
@@ -916,7 +922,7 @@ resource "google_monitoring_alert_policy" "notifications_undelivered" {
 
   documentation {
     mime_type = "text/markdown"
-    content   = "Pub/Sub could not deliver a change of gs://${var.bucket} to ${var.service}: it is in subscription ${google_pubsub_subscription.dead_letter[0].name} (kept 7 days) or still retried by ${google_pubsub_subscription.push[0].name} (dropped 24 hours after publishing). Read the service's errors: `gcloud run services logs read ${var.service} --region=${var.region} --log-filter='severity>=WARNING'`, then replay (README, \"Pub/Sub delivery\")."
+    content   = "Pub/Sub could not deliver a change of gs://${var.bucket} to ${var.service}: it is in subscription ${google_pubsub_subscription.dead_letter[0].name} (kept 7 days) or still retried by ${google_pubsub_subscription.push[0].name} (dropped 24 hours after publishing). Read the service's errors: `gcloud run services logs read ${var.service} --region=${var.region} --log-filter='severity>=WARNING'`, then replay (README, \"Eventarc or Pub/Sub delivery\")."
   }
 
   depends_on = [google_project_service.apis]

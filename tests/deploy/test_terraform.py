@@ -1172,3 +1172,451 @@ def test_every_argument_is_a_documented_provider_argument(tf: dict[str, Any]) ->
             schema: Schema = {**DOCUMENTED[type_name], **dict.fromkeys(META_ARGUMENTS)}
             problems += _undocumented(body, schema, address)
     assert problems == []
+
+
+# --------------------------------------------------------------------------------------------
+# delivery = "pubsub": the bucket's notification config, a push subscription, a dead-letter topic
+# --------------------------------------------------------------------------------------------
+
+# The JSON API's notification event types, as Eventarc names the same four changes.
+NOTIFICATION_EVENT_TYPES = {
+    "OBJECT_FINALIZE": "google.cloud.storage.object.v1.finalized",
+    "OBJECT_DELETE": "google.cloud.storage.object.v1.deleted",
+    "OBJECT_ARCHIVE": "google.cloud.storage.object.v1.archived",
+    "OBJECT_METADATA_UPDATE": "google.cloud.storage.object.v1.metadataUpdated",
+}
+
+# How long the service keeps a change's done mark (app/idempotency, README "Delivery
+# guarantees"): a redelivery later than this could email twice.
+DONE_MARK_SECONDS = 25 * 3600
+
+
+def named(tf: dict[str, Any], type_name: str, words: str) -> tuple[str, dict[str, Any]]:
+    """The one resource of `type_name` whose name contains `words`."""
+    return only({a: b for a, b in of_type(tf, type_name).items() if words in a.split(".")[1]})
+
+
+def reference(address: str, attribute: str) -> str:
+    """`${ADDRESS[0].ATTRIBUTE}`: an attribute of a resource that has a count."""
+    return "${" + address + "[0]." + attribute + "}"
+
+
+def notification(tf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return only(of_type(tf, "google_storage_notification"))
+
+
+def push_subscription(tf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    found = {
+        address: body
+        for address, body in of_type(tf, "google_pubsub_subscription").items()
+        if "push_config" in body
+    }
+    return only(found)
+
+
+def dead_letter_subscription(tf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    found = {
+        address: body
+        for address, body in of_type(tf, "google_pubsub_subscription").items()
+        if "push_config" not in body
+    }
+    return only(found)
+
+
+def topic_grant(tf: dict[str, Any], topic: str, role: str) -> tuple[str, dict[str, Any]]:
+    found = {
+        address: body
+        for address, body in of_type(tf, "google_pubsub_topic_iam_member").items()
+        if body["topic"] == reference(topic, "id") and body["role"] == role
+    }
+    return only(found)
+
+
+def pubsub_agent(tf: dict[str, Any]) -> str:
+    """The Pub/Sub service agent's member string, with the project number reference."""
+    member = locals_(tf)["pubsub_service_agent"]
+    assert isinstance(member, str)
+    return member
+
+
+def gcloud_seconds(duration: str) -> int:
+    """A gcloud duration flag (10s, 5m, 2h, 7d) or a Pub/Sub duration (86400s) in seconds."""
+    match = re.fullmatch(r"(\d+)([smhd])", duration)
+    assert match, duration
+    return int(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
+def test_gcloud_seconds_reads_durations() -> None:
+    assert gcloud_seconds("1d") == gcloud_seconds("86400s") == 86400
+    assert gcloud_seconds("10m") == 600
+    for bad in ("1.5d", "d", "7", "1w"):
+        with pytest.raises(AssertionError):
+            gcloud_seconds(bad)
+
+
+def test_delivery_is_eventarc_by_default_or_pubsub(tf: dict[str, Any]) -> None:
+    variable = blocks(tf, "variable")["delivery"]
+    assert variable["type"] == "string"
+    assert variable["default"] == "eventarc", "today's path stays the default"
+    condition = single(variable["validation"])["condition"]
+    match = re.fullmatch(r"\$\{contains\(\[(.*)\], var\.delivery\)\}", condition)
+    assert match, condition
+    allowed = set(re.findall(r'"(\w+)"', match[1]))
+    assert allowed == set(DELIVERIES)
+
+
+def test_each_delivery_creates_only_its_own_path(tf: dict[str, Any]) -> None:
+    # (resource, exists with eventarc, exists with pubsub), once create_triggers is true; before
+    # it, neither path connects the bucket (the placeholder image would acknowledge everything).
+    eventarc_only = [
+        named(tf, "google_project_iam_member", "receives_events"),
+        named(tf, "google_project_iam_member", "gcs_publishes"),
+    ]
+    pubsub_topics = [*of_type(tf, "google_pubsub_topic").items()]
+    pubsub_standing = [
+        *pubsub_topics,
+        dead_letter_subscription(tf),
+        *of_type(tf, "google_pubsub_topic_iam_member").items(),
+    ]
+    pubsub_connecting = [
+        notification(tf),
+        push_subscription(tf),
+        *of_type(tf, "google_pubsub_subscription_iam_member").items(),
+        only(
+            {a: p for a, p in of_type(tf, "google_monitoring_alert_policy").items() if "count" in p}
+        ),
+    ]
+    assert len(pubsub_topics) == 2
+    _, trigger = only(of_type(tf, "google_eventarc_trigger"))
+    for delivery in DELIVERIES:
+        for create_triggers in (False, True):
+            variables = {"delivery": delivery, "create_triggers": create_triggers}
+            triggers = value(tf, trigger["for_each"], variables)
+            expected = 4 if create_triggers and delivery == "eventarc" else 0
+            assert len(triggers) == expected, variables
+            for address, body in eventarc_only:
+                assert value(tf, body["count"], variables) == (delivery == "eventarc"), address
+            for address, body in pubsub_standing:
+                assert value(tf, body["count"], variables) == (delivery == "pubsub"), address
+            for address, body in pubsub_connecting:
+                wanted = create_triggers and delivery == "pubsub"
+                assert value(tf, body["count"], variables) == wanted, (address, variables)
+
+
+def test_moved_blocks_keep_the_eventarc_grants_state(tf: dict[str, Any]) -> None:
+    # The two Eventarc-only grants gained a count: without `moved`, the next apply of an existing
+    # Eventarc deployment would destroy and re-create them (a moment without the grant).
+    moves = {entry["from"]: entry["to"] for entry in tf.get("moved", [])}
+    for address, body in (
+        named(tf, "google_project_iam_member", "receives_events"),
+        named(tf, "google_project_iam_member", "gcs_publishes"),
+    ):
+        assert "count" in body
+        assert moves["${" + address + "}"] == "${" + address + "[0]}"
+
+
+def test_the_pubsub_agent_may_mint_the_trigger_accounts_tokens_on_both_paths(
+    tf: dict[str, Any],
+) -> None:
+    # Pub/Sub and Eventarc docs: a Pub/Sub service agent created on or before 8 April 2021 needs
+    # roles/iam.serviceAccountTokenCreator to sign authenticated pushes; both paths push.
+    project_address, _ = only(
+        {a: d for a, d in resources(tf, "data").items() if a.startswith("google_project.")}
+    )
+    assert pubsub_agent(tf) == (
+        "serviceAccount:service-${data."
+        + project_address
+        + ".number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+    )
+    _, grant = only(
+        grants(tf, "google_service_account_iam_member", "roles/iam.serviceAccountTokenCreator")
+    )
+    assert grant["member"] == "${local.pubsub_service_agent}"
+    assert grant["service_account_id"] == "${google_service_account.trigger.name}"
+    assert "count" not in grant
+    address = "google_service_account_iam_member." + next(
+        a.split(".")[1]
+        for a, g in of_type(tf, "google_service_account_iam_member").items()
+        if g is grant
+    )
+    _, subscription = push_subscription(tf)
+    assert "${" + address + "}" in subscription["depends_on"]
+
+
+def test_the_bucket_notifies_the_four_changes_as_json_api_v1(tf: dict[str, Any]) -> None:
+    _, config = notification(tf)
+    assert config["bucket"] == "${var.bucket}"
+    assert config["payload_format"] == "JSON_API_V1", "the object resource, as Eventarc sends"
+    types = config["event_types"]
+    listed = locals_(tf)[types.removeprefix("${local.").removesuffix("}")]
+    assert sorted(listed) == sorted(NOTIFICATION_EVENT_TYPES)
+    assert len(listed) == 4
+    # The same four changes the Eventarc path delivers.
+    assert set(NOTIFICATION_EVENT_TYPES.values()) == STORAGE_EVENT_TYPES
+    topic, _ = named(tf, "google_pubsub_topic", "notifications")
+    assert config["topic"] == reference(topic, "id")
+
+
+def test_object_name_prefix_filters_at_the_source_and_needs_pubsub(tf: dict[str, Any]) -> None:
+    variable = blocks(tf, "variable")["object_name_prefix"]
+    assert variable["type"] == "string"
+    assert variable["default"] == ""
+    _, config = notification(tf)
+    for prefix, sent in (("", None), ("photos/", "photos/")):
+        assert value(tf, config["object_name_prefix"], {"object_name_prefix": prefix}) == sent
+    _, body = service(tf)
+    (check,) = [
+        entry
+        for entry in single(body["lifecycle"])["precondition"]
+        if "object_name_prefix" in entry["condition"]
+    ]
+    for delivery, prefix, allowed in (
+        ("eventarc", "", True),
+        ("pubsub", "", True),
+        ("pubsub", "photos/", True),
+        ("eventarc", "photos/", False),
+    ):
+        variables = {"delivery": delivery, "object_name_prefix": prefix}
+        assert value(tf, check["condition"], variables) is allowed, variables
+
+
+def test_only_the_storage_agent_publishes_and_only_to_its_topic(tf: dict[str, Any]) -> None:
+    topic, _ = named(tf, "google_pubsub_topic", "notifications")
+    address, grant = topic_grant(tf, topic, "roles/pubsub.publisher")
+    (agent,) = [a for a in resources(tf, "data") if a.startswith("google_storage_project_")]
+    assert grant["member"] == "serviceAccount:${data." + agent + ".email_address}"
+    # The provider's docs: the notification config waits for the grant (an IAM race otherwise).
+    _, config = notification(tf)
+    assert "${" + address + "}" in config["depends_on"]
+    # And for the subscription: a change published before it exists would be lost.
+    subscription, _ = push_subscription(tf)
+    assert "${" + subscription + "}" in config["depends_on"]
+
+
+def test_the_push_goes_to_the_service_root_as_the_trigger_account(tf: dict[str, Any]) -> None:
+    service_address, _ = service(tf)
+    _, subscription = push_subscription(tf)
+    topic, _ = named(tf, "google_pubsub_topic", "notifications")
+    assert subscription["topic"] == reference(topic, "id")
+    push = single(subscription["push_config"])
+    assert push["push_endpoint"] == "${" + service_address + ".uri}/"
+    assert "no_wrapper" not in push, "the wrapped format carries messageId and attributes"
+    token = single(push["oidc_token"])
+    # The service accepts exactly this account (EVENT_INVOKERS) for exactly this audience.
+    assert token["service_account_email"] == env(tf)["EVENT_INVOKERS"]["value"]
+    assert token["service_account_email"] == account_email(tf, "trigger")
+    assert token["audience"] == env(tf)["EVENT_AUDIENCE"]["value"] == "${local.event_audience}"
+    # The account may invoke before the first push: on a private service, Cloud Run checks it.
+    trigger_member = "serviceAccount:" + account_email(tf, "trigger")
+    (invoker,) = [
+        address
+        for address, grant in grants(
+            tf, "google_cloud_run_v2_service_iam_member", "roles/run.invoker"
+        ).items()
+        if grant["member"] == trigger_member
+    ]
+    assert "${" + invoker + "}" in subscription["depends_on"]
+
+
+def test_pushes_wait_for_the_answer_and_back_off(tf: dict[str, Any]) -> None:
+    _, body = service(tf)
+    request_timeout = seconds(single(body["template"])["timeout"])
+    _, subscription = push_subscription(tf)
+    # Pub/Sub's push deadline is the ack deadline (10 to 600 s): beyond the request timeout, so
+    # a slow send is not pushed a second time while it still runs.
+    assert request_timeout < subscription["ack_deadline_seconds"] <= 600
+    retry = single(subscription["retry_policy"])
+    minimum, maximum = seconds(retry["minimum_backoff"]), seconds(retry["maximum_backoff"])
+    assert 0 < minimum <= maximum <= 600, "Pub/Sub allows 0 to 600 s"
+    retention = gcloud_seconds(subscription["message_retention_duration"])
+    assert 600 <= retention < DONE_MARK_SECONDS, "no redelivery after the done marks are gone"
+    assert single(subscription["expiration_policy"])["ttl"] == "", "never expires"
+
+
+def test_a_message_is_dead_lettered_after_ten_attempts_and_kept(tf: dict[str, Any]) -> None:
+    _, subscription = push_subscription(tf)
+    dead_topic, _ = named(tf, "google_pubsub_topic", "dead_letter")
+    policy = single(subscription["dead_letter_policy"])
+    assert policy["dead_letter_topic"] == reference(dead_topic, "id")
+    assert policy["max_delivery_attempts"] == 10
+    assert policy["dead_letter_topic"] != subscription["topic"]
+    # A topic without a subscription drops what it receives: this one holds it, 7 days.
+    _, holder = dead_letter_subscription(tf)
+    assert holder["topic"] == reference(dead_topic, "id")
+    assert gcloud_seconds(holder["message_retention_duration"]) == 7 * 86400
+    assert single(holder["expiration_policy"])["ttl"] == ""
+
+
+def test_the_pubsub_agent_may_forward_dead_letters(tf: dict[str, Any]) -> None:
+    # Pub/Sub docs, "Dead-letter topics": publisher on the dead-letter topic and subscriber on
+    # the source subscription, or Pub/Sub neither counts attempts nor forwards.
+    dead_topic, _ = named(tf, "google_pubsub_topic", "dead_letter")
+    address, publisher = topic_grant(tf, dead_topic, "roles/pubsub.publisher")
+    assert publisher["member"] == "${local.pubsub_service_agent}"
+    subscription_address, subscription = push_subscription(tf)
+    _, subscriber = only(of_type(tf, "google_pubsub_subscription_iam_member"))
+    assert subscriber["subscription"] == reference(subscription_address, "id")
+    assert subscriber["role"] == "roles/pubsub.subscriber"
+    assert subscriber["member"] == "${local.pubsub_service_agent}"
+    assert "${" + address + "}" in subscription["depends_on"]
+
+
+def test_dead_lettered_or_long_undelivered_notifications_alert(tf: dict[str, Any]) -> None:
+    _, policy = only(
+        {a: p for a, p in of_type(tf, "google_monitoring_alert_policy").items() if "count" in p}
+    )
+    conditions = [single(entry["condition_threshold"]) for entry in policy["conditions"]]
+    assert policy["combiner"] == "OR"
+    dead_address, _ = dead_letter_subscription(tf)
+    push_address, _ = push_subscription(tf)
+    by_metric = {
+        re.search(r'metric\.type = "([^"]+)"', entry["filter"])[1]: entry  # type: ignore[index]
+        for entry in conditions
+    }
+    dead = by_metric["pubsub.googleapis.com/subscription/num_undelivered_messages"]
+    assert (
+        f'resource.labels.subscription_id = "{reference(dead_address, "name")}"' in (dead["filter"])
+    )
+    assert dead["comparison"] == "COMPARISON_GT"
+    assert dead["threshold_value"] == 0, "one dead letter is one change nobody was told about"
+    late = by_metric["pubsub.googleapis.com/subscription/oldest_unacked_message_age"]
+    assert (
+        f'resource.labels.subscription_id = "{reference(push_address, "name")}"' in (late["filter"])
+    )
+    assert late["threshold_value"] == "${var.alert_after_seconds}"
+    for entry in conditions:
+        assert 'resource.type = "pubsub_subscription"' in entry["filter"]
+    assert policy["notification_channels"] == "${var.alert_notification_channels}"
+
+
+def test_outputs_name_the_topic_and_subscription_or_null(tf: dict[str, Any]) -> None:
+    outputs = blocks(tf, "output")
+    topic, _ = named(tf, "google_pubsub_topic", "notifications")
+    push, _ = push_subscription(tf)
+    dead, _ = dead_letter_subscription(tf)
+    assert outputs["pubsub_topic"]["value"] == f"${{one({topic}[*].name)}}"
+    assert outputs["pubsub_subscription"]["value"] == f"${{one({push}[*].name)}}"
+    assert outputs["dead_letter_subscription"]["value"] == f"${{one({dead}[*].name)}}"
+
+
+# The README's gcloud-only Pub/Sub path (2b) must make what Terraform makes.
+
+
+def readme_commands(prefix: list[str]) -> list[list[str]]:
+    return [c for b in readme_shell_blocks() for c in b if c[: len(prefix)] == prefix]
+
+
+def readme_assignments(prefix: list[str]) -> dict[str, str]:
+    """The shell variables assigned in the README block that runs the command `prefix`."""
+    (block,) = [b for b in readme_shell_blocks() if any(c[: len(prefix)] == prefix for c in b)]
+    found = {}
+    for command in block:
+        if re.fullmatch(r"[A-Z_]+=\S*", command[0]):
+            name, _, assigned = command[0].partition("=")
+            found[name] = assigned
+    return found
+
+
+def as_gcloud(tf: dict[str, Any], text: str) -> str:
+    """A Terraform name as the README writes it: var.service's default, $-variables for the rest."""
+    service_name = blocks(tf, "variable")["service"]["default"]
+    return text.replace("${var.service}", service_name).replace("${var.bucket}", "$BUCKET")
+
+
+def resource_name(tf: dict[str, Any], address: str) -> str:
+    return as_gcloud(tf, resources(tf)[address]["name"])
+
+
+def test_the_readmes_gcloud_pubsub_path_is_the_terraform_path(tf: dict[str, Any]) -> None:
+    topic = resource_name(tf, named(tf, "google_pubsub_topic", "notifications")[0])
+    dead_topic = resource_name(tf, named(tf, "google_pubsub_topic", "dead_letter")[0])
+    push_address, push = push_subscription(tf)
+    holder_address, holder = dead_letter_subscription(tf)
+    created = {c[4] for c in readme_commands(["gcloud", "pubsub", "topics", "create"])}
+    assert created == {topic, dead_topic}
+
+    by_name = {c[4]: c for c in readme_commands(["gcloud", "pubsub", "subscriptions", "create"])}
+    assert set(by_name) == {resource_name(tf, push_address), resource_name(tf, holder_address)}
+    given = flags(by_name[resource_name(tf, push_address)])
+    assert given["topic"] == topic
+    # The README pushes to the deterministic URL, the audience: the same service and path.
+    assert given["push-endpoint"] == given["push-auth-token-audience"] + "/"
+    assert given["push-auth-token-audience"] == "$URL"
+    service_name = blocks(tf, "variable")["service"]["default"]
+    assert readme_assignments(["gcloud", "pubsub", "subscriptions", "create"])["URL"] == (
+        "https://" + service_name + "-$PROJECT_NUMBER.$REGION.run.app"
+    )
+    assert given["push-auth-service-account"] == "$TRIGGER_SA"
+    assert int(given["ack-deadline"]) == push["ack_deadline_seconds"]
+    assert gcloud_seconds(given["message-retention-duration"]) == gcloud_seconds(
+        push["message_retention_duration"]
+    )
+    assert given["expiration-period"] == "never"
+    retry = single(push["retry_policy"])
+    assert gcloud_seconds(given["min-retry-delay"]) == gcloud_seconds(retry["minimum_backoff"])
+    assert gcloud_seconds(given["max-retry-delay"]) == gcloud_seconds(retry["maximum_backoff"])
+    policy = single(push["dead_letter_policy"])
+    assert given["dead-letter-topic"] == dead_topic
+    assert int(given["max-delivery-attempts"]) == policy["max_delivery_attempts"]
+
+    kept = flags(by_name[resource_name(tf, holder_address)])
+    assert kept["topic"] == dead_topic
+    assert gcloud_seconds(kept["message-retention-duration"]) == gcloud_seconds(
+        holder["message_retention_duration"]
+    )
+    assert kept["expiration-period"] == "never"
+
+
+def test_the_readmes_notification_config_is_the_terraform_one(tf: dict[str, Any]) -> None:
+    (command,) = readme_commands(["gcloud", "storage", "buckets", "notifications", "create"])
+    assert command[5] == "gs://$BUCKET"
+    given = flags(command)
+    _, config = notification(tf)
+    topic = resource_name(tf, named(tf, "google_pubsub_topic", "notifications")[0])
+    assert given["topic"] == topic
+    # gcloud names the payload formats json and none.
+    assert {"json": "JSON_API_V1", "none": "NONE"}[given["payload-format"]] == (
+        config["payload_format"]
+    )
+    listed = locals_(tf)[config["event_types"].removeprefix("${local.").removesuffix("}")]
+    assert given["event-types"].split(",") == listed
+    assert "object-prefix" not in given, "no prefix by default, like object_name_prefix"
+
+
+def test_the_readmes_pubsub_grants_are_the_terraform_grants(tf: dict[str, Any]) -> None:
+    topic = resource_name(tf, named(tf, "google_pubsub_topic", "notifications")[0])
+    dead_topic = resource_name(tf, named(tf, "google_pubsub_topic", "dead_letter")[0])
+    push_address, _ = push_subscription(tf)
+    assignments = readme_assignments(["gcloud", "pubsub", "topics", "add-iam-policy-binding"])
+    # $PUBSUB_SA is the Pub/Sub service agent; $GCS_SA is read from `gcloud storage service-agent`.
+    number = r"\$\{data\.[\w.]+\.number\}"
+    agent = re.sub(number, "$PROJECT_NUMBER", pubsub_agent(tf).removeprefix("serviceAccount:"))
+    assert assignments["PUBSUB_SA"] == agent
+    storage_agent = ["GCS_SA=$(gcloud", "storage", "service-agent", "--project=$PROJECT)"]
+    assert any(c == storage_agent for b in readme_shell_blocks() for c in b)
+
+    def bindings(kind: str) -> set[tuple[str, str, str]]:
+        found = set()
+        for command in readme_commands(["gcloud", "pubsub", kind, "add-iam-policy-binding"]):
+            given = flags(command)
+            found.add((command[4], given["member"], given["role"]))
+        return found
+
+    assert bindings("topics") == {
+        (topic, "serviceAccount:$GCS_SA", "roles/pubsub.publisher"),
+        (dead_topic, "serviceAccount:$PUBSUB_SA", "roles/pubsub.publisher"),
+    }
+    assert bindings("subscriptions") == {
+        (resource_name(tf, push_address), "serviceAccount:$PUBSUB_SA", "roles/pubsub.subscriber")
+    }
+    # The token creator grant of the Eventarc path (2b) serves the push subscription too.
+    token_creator = [
+        flags(c)
+        for c in readme_commands(["gcloud", "iam", "service-accounts", "add-iam-policy-binding"])
+        if c[4] == "$TRIGGER_SA"
+    ]
+    assert any(
+        g["role"] == "roles/iam.serviceAccountTokenCreator"
+        and g["member"] == "serviceAccount:" + agent
+        for g in token_creator
+    )
