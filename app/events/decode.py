@@ -37,8 +37,6 @@ _REQUIRED = ("specversion", "id", "source", "type")
 _CORE_ATTRIBUTES = frozenset(
     {"id", "source", "type", "specversion", "subject", "time", "datacontenttype", "dataschema"}
 )
-
-
 NOT_RECOGNISED = (
     "not a CloudEvent, Pub/Sub push or 1st-gen event: expected ce-* headers (binary mode), "
     f"Content-Type {STRUCTURED} (structured mode), a Pub/Sub push body "
