@@ -189,9 +189,7 @@ def test_errors_never_echo_the_authorization_header(outbox_server: ThreadedServe
 def test_unknown_event_type_is_acknowledged_and_logged(
     outbox_server: ThreadedServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    headers, body = binary(
-        event_type="google.cloud.pubsub.topic.v1.messagePublished", event_id="odd-1"
-    )
+    headers, body = binary(event_type="google.cloud.audit.log.v1.written", event_id="odd-1")
     with caplog.at_level(logging.WARNING):
         response = post(outbox_server, headers, body)
     assert response.status_code == 200
