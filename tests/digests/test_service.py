@@ -87,10 +87,29 @@ def digest_settings(tmp_path: Path, route: str, **overrides: Any) -> Settings:
     )
 
 
+def flush_when_due(server: ThreadedServer, seconds: float = 20) -> dict[str, int]:
+    """POST /digests/flush until it sends a window (the window is due a moment after the last
+    event); its answer."""
+
+    def flushed() -> dict[str, int] | None:
+        answer = httpx.post(server.url + "/digests/flush", timeout=10)
+        assert answer.status_code == 200, answer.text
+        counts: dict[str, int] = answer.json()
+        return counts if counts["flushed"] else None
+
+    return eventually(flushed, seconds)
+
+
+# Most tests here run without the service's timer (DIGEST_FLUSH_SECONDS=0): a window stays open
+# until a flush claims it, however long the events take to arrive on a busy machine, and the
+# test's own POST /digests/flush sends it. The timer has its own tests below.
+NO_TIMER = {"digest_flush_seconds": 0}
+
+
 def test_500_events_in_one_window_become_one_email_with_the_counts_and_100_names(
     tmp_path: Path,
 ) -> None:
-    settings = digest_settings(tmp_path, "digest: {window: 8s, max_items: 100}")
+    settings = digest_settings(tmp_path, "digest: {window: 1s, max_items: 100}", **NO_TIMER)
     with ThreadedServer(settings) as server:
         kinds = ["google.cloud.storage.object.v1.finalized"] * 490 + [
             "google.cloud.storage.object.v1.deleted"
@@ -107,9 +126,14 @@ def test_500_events_in_one_window_become_one_email_with_the_counts_and_100_names
         assert {a.status_code for a in answers} == {200}
         assert {a.json()["status"] for a in answers} == {"digested"}
         assert read_outbox(tmp_path / "outbox") == []  # nothing until the window closes
-        [email] = eventually(lambda: read_outbox(tmp_path / "outbox"))
-        time.sleep(1.5)  # one more tick: still one email
-        assert len(read_outbox(tmp_path / "outbox")) == 1
+        assert flush_when_due(server) == {
+            "flushed": 1,
+            "pending": 0,
+            "failed": 0,
+            "dead_lettered": 0,
+        }
+        [email] = read_outbox(tmp_path / "outbox")
+        assert httpx.post(server.url + "/digests/flush", timeout=10).json()["flushed"] == 0
     assert email["To"] == OPS
     assert subject(email) == (
         "[gs://some-bucket] 500 changes under reports/ (490 finalized, 10 deleted)"
@@ -122,7 +146,7 @@ def test_500_events_in_one_window_become_one_email_with_the_counts_and_100_names
 
 
 def test_leading_sends_the_first_event_alone_and_the_rest_in_the_digest(tmp_path: Path) -> None:
-    settings = digest_settings(tmp_path, "digest: {window: 3s, leading: true}")
+    settings = digest_settings(tmp_path, "digest: {window: 1s, leading: true}", **NO_TIMER)
     with ThreadedServer(settings) as server:
         first_data = object_data(name="reports/first.csv")
         first = deliver(server.url, first_data)
@@ -133,26 +157,27 @@ def test_leading_sends_the_first_event_alone_and_the_rest_in_the_digest(tmp_path
         assert [a.json()["status"] for a in rest] == ["digested"] * 4
         # The leading event's redelivery neither sends it again nor counts it in the digest.
         assert deliver(server.url, first_data).json()["status"] == "duplicate"
-        emails = eventually(lambda: digest_emails(tmp_path / "outbox"))
-    [digest] = emails
+        flush_when_due(server)
+    [digest] = digest_emails(tmp_path / "outbox")
     assert subject(digest).startswith("[gs://some-bucket] 4 changes under reports/")
     assert "reports/first.csv" not in text_of(digest)
     assert len(read_outbox(tmp_path / "outbox")) == 2
 
 
 def test_the_same_change_delivered_twice_is_counted_once(tmp_path: Path) -> None:
-    settings = digest_settings(tmp_path, "digest: {window: 2s}")
+    settings = digest_settings(tmp_path, "digest: {window: 1s}", **NO_TIMER)
     with ThreadedServer(settings) as server:
         twice = object_data(name="reports/twice.csv")
         answers = [deliver(server.url, twice) for _ in range(2)]
         answers.append(deliver(server.url, object_data(name="reports/once.csv")))
         assert [a.json()["status"] for a in answers] == ["digested", "duplicate", "digested"]
-        [digest] = eventually(lambda: read_outbox(tmp_path / "outbox"))
+        flush_when_due(server)
+        [digest] = read_outbox(tmp_path / "outbox")
     assert subject(digest).startswith("[gs://some-bucket] 2 changes under reports/")
 
 
 def test_rate_overflow_is_folded_into_one_digest_when_the_period_ends(tmp_path: Path) -> None:
-    settings = digest_settings(tmp_path, "rate: {max: 2, per: 3s}")
+    settings = digest_settings(tmp_path, "rate: {max: 2, per: 2s}", **NO_TIMER)
     with ThreadedServer(settings) as server:
         changes = [object_data(name=f"reports/r{i}.csv") for i in range(5)]
         answers = [deliver(server.url, data) for data in changes]
@@ -161,7 +186,8 @@ def test_rate_overflow_is_folded_into_one_digest_when_the_period_ends(tmp_path: 
         # Redeliveries, of one sent alone and of one held: neither is emailed again nor alone.
         assert deliver(server.url, changes[0]).json()["status"] == "duplicate"
         assert deliver(server.url, changes[2]).json()["status"] == "duplicate"
-        [digest] = eventually(lambda: digest_emails(tmp_path / "outbox"))
+        flush_when_due(server)
+        [digest] = digest_emails(tmp_path / "outbox")
         assert len(read_outbox(tmp_path / "outbox")) == 3
         # The period is over: a held event's redelivery is still not emailed alone, and the
         # next new event goes out at once.
@@ -175,14 +201,15 @@ def test_rate_overflow_is_folded_into_one_digest_when_the_period_ends(tmp_path: 
 
 def test_a_digest_route_s_own_templates_render_the_window(tmp_path: Path) -> None:
     route = """
-    digest: {window: 2s}
+    digest: {window: 1s}
     subject: "{{ count }} new files in {{ prefix }}"
     text: "{% for item in items %}{{ item.name }};{% endfor %} +{{ more }}"
     """
-    with ThreadedServer(digest_settings(tmp_path, route)) as server:
+    with ThreadedServer(digest_settings(tmp_path, route, **NO_TIMER)) as server:
         for i in range(3):
             deliver(server.url, object_data(name=f"reports/t{i}.csv"))
-        [digest] = eventually(lambda: read_outbox(tmp_path / "outbox"))
+        flush_when_due(server)
+        [digest] = read_outbox(tmp_path / "outbox")
     assert subject(digest) == "3 new files in reports/"
     assert text_of(digest).startswith("reports/t0.csv;reports/t1.csv;reports/t2.csv; +0")
     assert "Sent by route reports as a digest of 3 changes" in text_of(digest)
@@ -219,8 +246,9 @@ def process_env(tmp_path: Path, route: str, **more: str) -> dict[str, str]:
 
 
 def test_a_pending_window_survives_sigkill_and_goes_out_after_the_restart(tmp_path: Path) -> None:
-    env = process_env(tmp_path, "digest: {window: 3s}")
-    first = ServiceProcess(env, tmp_path).start()
+    env = process_env(tmp_path, "digest: {window: 1s}")
+    # The first process has no timer, so it cannot send the window before it is killed.
+    first = ServiceProcess({**env, "DIGEST_FLUSH_SECONDS": "0"}, tmp_path).start()
     try:
         for i in range(5):
             assert deliver(first.url, object_data(name=f"reports/k{i}.csv")).status_code == 200
@@ -229,7 +257,7 @@ def test_a_pending_window_survives_sigkill_and_goes_out_after_the_restart(tmp_pa
     finally:
         first.stop()
     assert read_outbox(tmp_path / "outbox") == []
-    time.sleep(3)  # the window closes while no process runs
+    time.sleep(1)  # the window is due while no process runs
     with ServiceProcess(env, tmp_path):  # no new event: the timer finds the window
         [digest] = eventually(lambda: read_outbox(tmp_path / "outbox"))
     assert subject(digest).startswith("[gs://some-bucket] 5 changes under reports/")
@@ -264,23 +292,29 @@ def sendgrid_env(fake: FakeSendGrid) -> dict[str, str]:
 def test_two_processes_on_one_redis_send_one_digest(tmp_path: Path, fake: FakeSendGrid) -> None:
     with redis_server(tmp_path) as redis_url:
         env = process_env(
-            tmp_path, "digest: {window: 3s}", IDEMPOTENCY_STORE=redis_url, **sendgrid_env(fake)
+            tmp_path,
+            "digest: {window: 1s}",
+            IDEMPOTENCY_STORE=redis_url,
+            DIGEST_FLUSH_SECONDS="0",  # the flushes below, four at once, are the only ones
+            **sendgrid_env(fake),
         )
         with ServiceProcess(env, tmp_path) as one, ServiceProcess(env, tmp_path) as two:
             for i in range(10):
                 url = (one, two)[i % 2].url
                 assert deliver(url, object_data(name=f"reports/r{i}.csv")).status_code == 200
-            time.sleep(3)
-            with ThreadPoolExecutor(4) as pool:  # both flush at once, twice each, with the timers
+            time.sleep(1)
+            fake.latency = 0.3  # the first sender is still sending when the others claim
+            with ThreadPoolExecutor(4) as pool:  # both processes flush at once, twice each
                 flushes = list(
                     pool.map(
                         lambda url: httpx.post(url + "/digests/flush", timeout=10),
                         [one.url, two.url] * 2,
                     )
                 )
-            eventually(fake.accepted)
-            time.sleep(1.5)
+            after = httpx.post(one.url + "/digests/flush", timeout=10).json()
     assert {f.status_code for f in flushes} == {200}
+    assert sum(f.json()["flushed"] for f in flushes) == 1
+    assert after["pending"] == 0
     [digest] = fake.accepted()
     assert digest["subject"].startswith("[gs://some-bucket] 10 changes under reports/")
 
@@ -290,18 +324,27 @@ def test_sendgrid_failing_during_a_flush_leaves_the_window_for_the_next_one(
 ) -> None:
     settings = digest_settings(
         tmp_path,
-        "digest: {window: 2s}",
+        "digest: {window: 1s}",
         notifier="sendgrid",
         sendgrid_api_key=SecretStr(fake.api_key),
         sendgrid_host=fake.url,
         sendgrid_timeout=2.0,
+        **NO_TIMER,
     )
     fake.script(Reply.error(500), Reply.error(503))
     with ThreadedServer(settings) as server:
         for i in range(3):
             deliver(server.url, object_data(name=f"reports/r{i}.csv"))
-        eventually(fake.accepted)
-        time.sleep(1.5)
+        time.sleep(1)
+
+        def flush() -> Any:
+            return httpx.post(server.url + "/digests/flush", timeout=10).json()
+
+        failing = {"flushed": 0, "pending": 1, "failed": 1, "dead_lettered": 0}
+        assert flush() == failing
+        assert flush() == failing
+        assert flush() == {"flushed": 1, "pending": 0, "failed": 0, "dead_lettered": 0}
+        assert flush()["flushed"] == 0
     [digest] = fake.accepted()
     assert digest["subject"].startswith("[gs://some-bucket] 3 changes under reports/")
     assert len(fake.requests()) == 3  # two failed flushes, then the one that sent it
