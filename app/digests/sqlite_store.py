@@ -50,6 +50,7 @@ from app.digests.window import DigestItem, DigestSummary
 log = logging.getLogger(__name__)
 
 MAINTAIN_EVERY = 500  # writes between background purges and checkpoints
+SUMMARY_CACHE = 64  # open windows whose summary `add` keeps in memory (one per busy route)
 PURGE_BATCH = 5000
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS digest_routes (
@@ -132,6 +133,7 @@ class SqliteDigestStore:
         self._maintenance_db: sqlite3.Connection | None = None
         self._maintenance: asyncio.Future[None] | None = None
         self._writes = 0
+        self._summaries: dict[str, DigestSummary] = {}
 
     async def add(
         self,
@@ -189,10 +191,7 @@ class SqliteDigestStore:
                 )
                 opened = True
             else:
-                (text,) = db.execute(
-                    "SELECT summary FROM digest_windows WHERE id = ?", (open_window,)
-                ).fetchone()
-                summary = DigestSummary.from_json(json.loads(text))
+                summary = self._summary(open_window)
                 opened = False
             if not leading:  # a leading change is sent alone, not in the summary
                 self._join(open_window, summary, item)
@@ -202,10 +201,30 @@ class SqliteDigestStore:
             )
             db.execute("COMMIT")
         except (sqlite3.Error, ValueError) as error:
+            self._summaries.clear()  # one may have been changed by an add that did not commit
             self._rollback()
             raise StoreUnavailable(f"sqlite: {error}") from error
+        if len(self._summaries) >= SUMMARY_CACHE:
+            self._summaries.clear()
+        self._summaries[open_window] = summary
         self._wrote(now)
         return Added(open_window, False, opened, closed_at, leading)
+
+    def _summary(self, window: str) -> DigestSummary:
+        """Inside `add`'s transaction: the open window's summary (without its items). The one
+        this process last wrote is reused while the row's event count still equals its count:
+        counts only grow, so an equal count means no other process has added since, and a
+        burst into one window does not parse the summary's JSON back on every event."""
+        (events,) = self._db.execute(
+            "SELECT events FROM digest_windows WHERE id = ?", (window,)
+        ).fetchone()
+        cached = self._summaries.get(window)
+        if cached is not None and cached.count == events:
+            return cached
+        (text,) = self._db.execute(
+            "SELECT summary FROM digest_windows WHERE id = ?", (window,)
+        ).fetchone()
+        return DigestSummary.from_json(json.loads(text))
 
     def _join(self, window: str, summary: DigestSummary, item: DigestItem) -> None:
         """Inside `add`'s transaction: the item joins the window's summary (and its listed items
