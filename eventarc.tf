@@ -1,6 +1,7 @@
 # Cloud Storage -> Eventarc -> Cloud Run -> email (README, "Deploy").
 #
-# Terraform owns the project wiring: APIs, two service accounts, IAM grants, the Cloud Run service,
+# Terraform owns the project wiring: APIs, two service accounts, IAM grants, the Firestore database
+# that keeps the service's state (README, "Stores: where state lives"), the Cloud Run service,
 # and how the bucket's changes reach it (var.delivery): one Eventarc trigger per Cloud Storage event
 # type with an alert on each trigger's undelivered events, or the bucket's own Pub/Sub notification
 # config, a push subscription with a dead-letter topic, and one alert on both. Cloud Build
@@ -198,17 +199,57 @@ variable "deletion_protection" {
   default     = true
 }
 
+variable "firestore_database" {
+  description = "ID of the Firestore database (Native mode, in var.region) this configuration creates for the service's done marks, claims and digest windows. A database of its own, so a project's (default) database is left alone."
+  type        = string
+  default     = "gcs-notifier"
+
+  validation {
+    # Firestore database IDs: 4-63 characters, lowercase letters, digits and hyphens, starting
+    # with a letter and ending with a letter or digit; "(default)" is the project's own.
+    condition     = can(regex("^[a-z][a-z0-9-]{2,61}[a-z0-9]$", var.firestore_database))
+    error_message = "firestore_database must be 4-63 characters: lowercase letters, digits and hyphens, starting with a letter and ending with a letter or digit (not \"(default)\": that database is the project's own)."
+  }
+}
+
+variable "store_prefix" {
+  description = "Start of the names of the Firestore collections the service uses (the prefix parameter of IDEMPOTENCY_STORE): PREFIX-claims, PREFIX-digest-windows, ... Two services sharing one database need different prefixes."
+  type        = string
+  default     = "gcs-notifier"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{0,39}$", var.store_prefix))
+    error_message = "store_prefix must be 1-40 characters: lowercase letters, digits and hyphens, starting with a letter."
+  }
+}
+
+variable "idempotency_store" {
+  description = "IDEMPOTENCY_STORE of the service. Empty (the default): the Firestore database above, firestore://PROJECT/firestore_database?prefix=store_prefix. A sqlite:///PATH store keeps its state in the instance's memory and caps the service at one instance. redis_url, when set, wins over both."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.idempotency_store == "" || can(regex("^(sqlite:///|firestore://)", var.idempotency_store))
+    error_message = "idempotency_store must be empty (the Firestore database this configuration creates), a firestore:// URL or a sqlite:/// path; for Redis set redis_url."
+  }
+}
+
 variable "redis_url" {
-  description = "redis://HOST:PORT/DB of a Memorystore instance. Empty: deduplicate in SQLite on the instance, which is only correct with a single instance."
+  description = "redis://HOST:PORT/DB of a Memorystore instance, which then holds the service's state instead of Firestore (the service also needs VPC access: vpc_network, vpc_subnetwork). Empty: no Redis."
   type        = string
   default     = ""
   sensitive   = true
 }
 
 variable "max_instances" {
-  description = "Maximum instances when redis_url is set (without it the service runs one instance)."
+  description = "Maximum instances, service-wide and per revision, with a shared store (Firestore, the default, or Redis). A sqlite:/// idempotency_store runs one instance whatever this says."
   type        = number
   default     = 10
+
+  validation {
+    condition     = var.max_instances >= 1
+    error_message = "max_instances must be at least 1."
+  }
 }
 
 variable "vpc_network" {
@@ -233,10 +274,28 @@ locals {
     "metadata-updated" = "google.cloud.storage.object.v1.metadataUpdated"
   }
 
-  # The filesystem of a Cloud Run instance is its own: SQLite deduplicates only within one
-  # instance, so without Redis the service is capped at one instance (80 concurrent requests).
-  idempotency_store  = var.redis_url == "" ? "sqlite:////tmp/gcs-notifier/state/notifier.db" : var.redis_url
-  max_instance_count = var.redis_url == "" ? 1 : var.max_instances
+  # Where the service keeps its done marks, claims and digest windows (README, "Stores: where state
+  # lives"): Redis when redis_url is set, else idempotency_store when set, else the Firestore
+  # database below, shared by every instance and kept across deploys and scale to zero. Naming
+  # the database resource also makes the service wait for it.
+  firestore_url     = "firestore://${var.project}/${google_firestore_database.store.name}?prefix=${var.store_prefix}"
+  idempotency_store = coalesce(var.redis_url, var.idempotency_store, local.firestore_url)
+
+  # The filesystem of a Cloud Run instance is its own: a SQLite store deduplicates only within
+  # one instance, so with one the service is capped at one instance (80 concurrent requests).
+  per_instance_store = var.redis_url == "" && startswith(var.idempotency_store, "sqlite:")
+  max_instance_count = local.per_instance_store ? 1 : var.max_instances
+
+  # The collections whose documents carry `expire_at` (app/delivery and app/digests Firestore
+  # stores): claims and done marks, a change's dedup record, done digest windows and their events,
+  # rate-limit periods. Firestore's TTL policy deletes each document some time after it expires.
+  ttl_collections = toset([
+    "${var.store_prefix}-claims",
+    "${var.store_prefix}-digest-changes",
+    "${var.store_prefix}-digest-windows",
+    "${var.store_prefix}-digest-events",
+    "${var.store_prefix}-digest-rates",
+  ])
 
   # The rules file: one secret version mounted as one file in a folder of its own (Cloud Run
   # mounts one secret per folder and hides what the image had there). cloudbuild.yaml mounts the
@@ -277,6 +336,7 @@ locals {
     "cloudbuild.googleapis.com",
     "cloudscheduler.googleapis.com",
     "eventarc.googleapis.com",
+    "firestore.googleapis.com",
     "iam.googleapis.com",
     "monitoring.googleapis.com",
     "pubsub.googleapis.com",
@@ -433,6 +493,85 @@ resource "google_cloud_run_v2_service_iam_member" "public_datetime" {
 }
 
 # ---------------------------------------------------------------------------------------------
+# State (README, "Stores: where state lives"): a Firestore database of the service's own, in Native
+# mode and in the service's region, holds the done marks, claims and digest windows, so they are
+# shared by every instance and survive deploys and scale to zero. A named database, not the
+# project's (default) one, which other workloads may use. Created before the service, which
+# names it in IDEMPOTENCY_STORE.
+# ---------------------------------------------------------------------------------------------
+
+resource "google_firestore_database" "store" {
+  project     = var.project
+  name        = var.firestore_database
+  location_id = var.region
+  type        = "FIRESTORE_NATIVE"
+
+  # The stores take no locks: a claim is a create(), and every later write is conditional on the
+  # document's update time, checked when it commits. OPTIMISTIC says the same of any transaction.
+  concurrency_mode            = "OPTIMISTIC"
+  app_engine_integration_mode = "DISABLED"
+
+  # `terraform destroy` deletes the database with everything in it, and only once
+  # deletion_protection is false, the same switch as for the service. (The provider's default,
+  # ABANDON, would leave the database behind, and its name taken, after a destroy.)
+  deletion_policy         = "DELETE"
+  delete_protection_state = var.deletion_protection ? "DELETE_PROTECTION_ENABLED" : "DELETE_PROTECTION_DISABLED"
+
+  depends_on = [google_project_service.apis]
+}
+
+# A TTL policy on `expire_at` in each collection group whose documents carry it: Firestore deletes
+# a document after the time it holds (typically within a day, Firestore docs, "Manage data
+# retention with TTL policies"), so done marks, abandoned claims and sent digests do not stay
+# forever. `index_config {}` drops the field's single-field indexes: no query filters on it, and
+# an index on an ever-increasing timestamp would only add write cost.
+resource "google_firestore_field" "expire_at" {
+  for_each = local.ttl_collections
+
+  project    = var.project
+  database   = google_firestore_database.store.name
+  collection = each.key
+  field      = "expire_at"
+
+  ttl_config {}
+  index_config {}
+}
+
+# The digest store finds the windows to flush with `pending == true` ordered by `ready_at`: an
+# equality on one field with an order on another needs a composite index.
+resource "google_firestore_index" "pending_windows" {
+  project     = var.project
+  database    = google_firestore_database.store.name
+  collection  = "${var.store_prefix}-digest-windows"
+  query_scope = "COLLECTION"
+
+  fields {
+    field_path = "pending"
+    order      = "ASCENDING"
+  }
+
+  fields {
+    field_path = "ready_at"
+    order      = "ASCENDING"
+  }
+}
+
+# Read and write documents (roles/datastore.user), in this database only: the IAM condition
+# (Firestore docs, "Configure per-database access permissions") keeps the runtime account out of
+# the project's other databases.
+resource "google_project_iam_member" "runtime_uses_store" {
+  project = var.project
+  role    = "roles/datastore.user"
+  member  = "serviceAccount:${google_service_account.runtime.email}"
+
+  condition {
+    title       = "${var.service} store only"
+    description = "Documents of the ${google_firestore_database.store.name} Firestore database"
+    expression  = "resource.name == \"${google_firestore_database.store.id}\""
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
 # The service
 # ---------------------------------------------------------------------------------------------
 
@@ -442,10 +581,10 @@ resource "google_cloud_run_v2_service" "notifier" {
   deletion_protection = var.deletion_protection
   ingress             = "INGRESS_TRAFFIC_ALL"
 
-  # The SQLite store's one-instance cap, for the whole service: Cloud Run applies the service
-  # level at once and across revisions, while a revision's own cap (template.scaling) may briefly
-  # be exceeded (Cloud Run docs, "Set maximum instances"). Cloud Build sets both (--max,
-  # --max-instances).
+  # The instance cap, for the whole service: max_instances with a shared store (Firestore or
+  # Redis), one with SQLite. Cloud Run applies the service level at once and across revisions,
+  # while a revision's own cap (template.scaling) may briefly be exceeded (Cloud Run docs, "Set
+  # maximum instances"). Cloud Build sets both (--max, --max-instances).
   scaling {
     max_instance_count = local.max_instance_count
   }
@@ -595,10 +734,15 @@ resource "google_cloud_run_v2_service" "notifier" {
     }
   }
 
+  # The database comes through IDEMPOTENCY_STORE; its TTL policies, index and grant are waited for
+  # too, so the first revision starts with everything its store needs.
   depends_on = [
     google_project_service.apis,
     google_secret_manager_secret_iam_member.runtime_reads_sendgrid_key,
     google_secret_manager_secret_iam_member.runtime_reads_rules,
+    google_firestore_field.expire_at,
+    google_firestore_index.pending_windows,
+    google_project_iam_member.runtime_uses_store,
   ]
 }
 

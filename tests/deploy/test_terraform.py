@@ -45,6 +45,7 @@ REQUIRED_APIS = {
     "artifactregistry.googleapis.com",
     "cloudbuild.googleapis.com",
     "cloudscheduler.googleapis.com",
+    "firestore.googleapis.com",
 }
 
 Schema = dict[str, "Schema | None"]  # None: an attribute; a dict: a nested block
@@ -297,6 +298,40 @@ DOCUMENTED: dict[str, Schema] = {
         "event_types": None,
         "object_name_prefix": None,
     },
+    "google_firestore_database": {
+        "name": None,
+        "location_id": None,
+        "type": None,
+        "project": None,
+        "concurrency_mode": None,
+        "app_engine_integration_mode": None,
+        "point_in_time_recovery_enablement": None,
+        "delete_protection_state": None,
+        "deletion_policy": None,
+        "database_edition": None,
+        "cmek_config": {"kms_key_name": None},
+        "tags": None,
+    },
+    "google_firestore_field": {
+        "collection": None,
+        "field": None,
+        "database": None,
+        "project": None,
+        "ttl_config": {},
+        "index_config": {
+            "indexes": {"query_scope": None, "order": None, "array_config": None},
+        },
+    },
+    "google_firestore_index": {
+        "collection": None,
+        "database": None,
+        "project": None,
+        "query_scope": None,
+        "api_scope": None,
+        "density": None,
+        "multikey": None,
+        "fields": {"field_path": None, "order": None, "array_config": None, "vector_config": None},
+    },
     "data.google_project": {"project_id": None},
     "data.google_storage_bucket": {"name": None, "project": None},
     "data.google_storage_project_service_account": {"project": None, "user_project": None},
@@ -368,16 +403,33 @@ DELIVERIES = ("eventarc", "pubsub")
 
 _TOKEN = re.compile(
     r'\s*(?:(?P<string>"[^"\\]*")|(?P<number>\d+)|(?P<name>(?:var|local)\.\w+)'
-    r"|(?P<op>==|!=|&&|\|\||!|\?|:|\(|\)|\{\}|\[\]|true\b|false\b|null\b))"
+    r"|(?P<function>(?:coalesce|startswith)(?=\())"
+    r"|(?P<op>==|!=|&&|\|\||!|\?|:|\(|\)|,|\{\}|\[\]|true\b|false\b|null\b))"
 )
 _PYTHON_OPERATORS = {"&&": "and", "||": "or", "!": "not", "true": "True", "false": "False"}
+
+
+def _coalesce(*values: Any) -> Any:
+    """Terraform's coalesce: the first argument that is neither null nor an empty string."""
+    found = [item for item in values if item is not None and item != ""]
+    assert found, "coalesce fails when every argument is null or empty"
+    return found[0]
+
+
+def _startswith(text: str, prefix: str) -> bool:
+    return text.startswith(prefix)
+
+
+_FUNCTIONS = {"coalesce": _coalesce, "startswith": _startswith}
 
 
 def value(tf: dict[str, Any], expression: str, variables: dict[str, Any]) -> Any:
     """A count or for_each expression of this file under the given variables, as Terraform would
     compute it: var. and local. references (locals computed in turn), string and number literals,
-    null, {} and [], ==, !=, &&, ||, ! and parentheses, and one `CONDITION ? A : B`. Anything else
-    fails, so an expression these tests cannot read is never silently taken as true."""
+    null, {} and [], ==, !=, &&, ||, ! and parentheses, coalesce() and startswith(), and one
+    `CONDITION ? A : B`. Anything else fails, so an expression these tests cannot read is never
+    silently taken as true. A local that is a string template (not a whole `${...}` expression)
+    is returned as written, for `rendered` below."""
     match = re.fullmatch(r"\$\{(.*)\}", expression, re.S)
     assert match, expression
     text, position = match[1].rstrip(), 0
@@ -391,6 +443,9 @@ def value(tf: dict[str, Any], expression: str, variables: dict[str, Any]) -> Any
             words.append(repr(token["string"][1:-1]))
         elif token["number"] is not None:
             words.append(token["number"])
+        elif token["function"] is not None:
+            names[f"_{len(names)}"] = _FUNCTIONS[token["function"]]
+            words.append(f"_{len(names) - 1}")
         elif token["name"] is not None:
             kind, _, name = token["name"].partition(".")
             if kind == "var":
@@ -431,6 +486,11 @@ def test_value_computes_terraform_conditionals() -> None:
     assert value(tf, '${var.p == "" ? null : var.p}', {"p": ""}) is None
     assert value(tf, '${var.p == "" ? null : var.p}', {"p": "x/"}) == "x/"
     assert value(tf, "${!var.go || var.go}", {"go": False}) is True
+    assert value(tf, '${coalesce(var.a, var.b, "c")}', {"a": "", "b": "b"}) == "b"
+    assert value(tf, '${coalesce(var.a, var.b, "c")}', {"a": "", "b": ""}) == "c"
+    assert value(tf, '${coalesce(var.a, var.b, "c")}', {"a": "a", "b": "b"}) == "a"
+    assert value(tf, '${startswith(var.a, "sq") ? 1 : 2}', {"a": "sqlite:"}) == 1
+    assert value(tf, '${startswith(var.a, "sq") ? 1 : 2}', {"a": "redis:"}) == 2
     for unreadable in ("${length(var.x) > 0 ? 1 : 0}", "${var.a ? 1 : var.b ? 2 : 3}", "1"):
         with pytest.raises((AssertionError, KeyError)):
             value(tf, unreadable, {"x": [], "a": True, "b": True})
@@ -643,18 +703,13 @@ def test_service_runs_as_its_own_account_with_concurrency_80(tf: dict[str, Any])
     assert container(tf)["image"] == "${var.image}"
 
 
-def test_one_instance_unless_redis_deduplicates_across_instances(tf: dict[str, Any]) -> None:
+def test_the_instance_cap_is_max_instances_at_both_levels(tf: dict[str, Any]) -> None:
     _, body = service(tf)
     scaling = single(single(body["template"])["scaling"])
     assert scaling["max_instance_count"] == "${local.max_instance_count}"
     # Service level too: a revision's own cap may briefly be exceeded, the service's may not.
     assert single(body["scaling"])["max_instance_count"] == "${local.max_instance_count}"
-    values = locals_(tf)
-    assert values["max_instance_count"] == '${var.redis_url == "" ? 1 : var.max_instances}'
-    assert env(tf)["IDEMPOTENCY_STORE"]["value"] == "${local.idempotency_store}"
-    store = values["idempotency_store"]
-    assert store.startswith('${var.redis_url == "" ? "sqlite:////tmp/')
-    assert store.endswith(": var.redis_url}")
+    assert blocks(tf, "variable")["max_instances"]["default"] == 10
 
 
 def test_deletion_protection_is_a_variable(tf: dict[str, Any]) -> None:
@@ -1110,6 +1165,8 @@ def test_inputs_are_variables(tf: dict[str, Any]) -> None:
     expected |= {"alert_after_seconds", "alert_notification_channels"}
     expected |= {"rules_secret", "rules_secret_version"}
     expected |= {"digest_schedule", "delivery", "object_name_prefix"}
+    expected |= {"firestore_database", "store_prefix", "idempotency_store", "redis_url"}
+    expected |= {"max_instances"}
     assert expected <= set(declared)
     for name, variable in declared.items():
         assert variable.get("description"), f"variable {name} has no description"
@@ -1620,3 +1677,256 @@ def test_the_readmes_pubsub_grants_are_the_terraform_grants(tf: dict[str, Any]) 
         and g["member"] == "serviceAccount:" + agent
         for g in token_creator
     )
+
+
+# --------------------------------------------------------------------------------------------
+# State: the Firestore database, its TTL policies and index, the grant, IDEMPOTENCY_STORE
+# --------------------------------------------------------------------------------------------
+
+# The collection groups whose documents carry `expire_at`, as the design of the Firestore stores
+# names them after the prefix (app/delivery and app/digests firestore stores).
+TTL_COLLECTIONS = {"claims", "digest-changes", "digest-windows", "digest-events", "digest-rates"}
+
+# The variables a plain `terraform apply` runs with, for the values these tests compute.
+DEFAULT_STORE_VARIABLES = {"project": "my-project", "redis_url": "", "idempotency_store": ""}
+
+
+def rendered(tf: dict[str, Any], text: str, variables: dict[str, Any]) -> str:
+    """A string template of this file as Terraform fills it in: `${var.NAME}` from `variables`
+    (else the variable's default), `${TYPE.NAME.ARGUMENT}` from that resource's argument,
+    rendered in turn. Any other interpolation fails."""
+    declared = blocks(tf, "variable")
+    managed = resources(tf)
+
+    def fill(match: re.Match[str]) -> str:
+        reference = match[1]
+        if found := re.fullmatch(r"var\.(\w+)", reference):
+            name = found[1]
+            return str(variables[name] if name in variables else declared[name]["default"])
+        found = re.fullmatch(r"(google_\w+\.\w+)\.(\w+)", reference)
+        assert found, reference
+        argument = managed[found[1]][found[2]]
+        assert isinstance(argument, str), (reference, argument)
+        return rendered(tf, argument, variables)
+
+    return re.sub(r"\$\{([^}]*)\}", fill, text)
+
+
+def store_url(tf: dict[str, Any], **variables: Any) -> str:
+    """IDEMPOTENCY_STORE of the service under the defaults and `variables`."""
+    assert env(tf)["IDEMPOTENCY_STORE"]["value"] == "${local.idempotency_store}"
+    values = {**DEFAULT_STORE_VARIABLES, **variables}
+    url = value(tf, locals_(tf)["idempotency_store"], values)
+    assert isinstance(url, str)
+    return rendered(tf, url, values)
+
+
+def max_instance_count(tf: dict[str, Any], **variables: Any) -> Any:
+    values = {**DEFAULT_STORE_VARIABLES, "max_instances": 10, **variables}
+    return value(tf, locals_(tf)["max_instance_count"], values)
+
+
+def database(tf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return only(of_type(tf, "google_firestore_database"))
+
+
+def test_rendered_fills_variables_and_resource_arguments() -> None:
+    tf: dict[str, Any] = {
+        "variable": [{"a": {"default": "A"}}, {"b": {"type": "string"}}],
+        "resource": [{"google_x": {"y": {"name": "${var.a}-${var.b}"}}}],
+    }
+    assert rendered(tf, "${var.a}/${google_x.y.name}", {"b": "B"}) == "A/A-B"
+    with pytest.raises(AssertionError):
+        rendered(tf, "${upper(var.a)}", {})
+
+
+def test_the_service_keeps_its_state_in_firestore_by_default(tf: dict[str, Any]) -> None:
+    variables = blocks(tf, "variable")
+    assert variables["firestore_database"]["default"] == "gcs-notifier"
+    assert variables["store_prefix"]["default"] == "gcs-notifier"
+    assert variables["idempotency_store"]["default"] == ""
+    assert store_url(tf) == "firestore://my-project/gcs-notifier?prefix=gcs-notifier"
+    assert store_url(tf, project="p2", firestore_database="notes", store_prefix="mail") == (
+        "firestore://p2/notes?prefix=mail"
+    )
+    # The URL names the database resource, not only the variable: the service waits for it.
+    assert "${" + database(tf)[0] + ".name}" in locals_(tf)["firestore_url"]
+
+
+def test_redis_url_wins_then_idempotency_store(tf: dict[str, Any]) -> None:
+    redis = "redis://10.0.0.3:6379/0"
+    sqlite = "sqlite:////tmp/gcs-notifier/state/notifier.db"
+    other = "firestore:///elsewhere?prefix=x"
+    assert store_url(tf, redis_url=redis) == redis
+    assert store_url(tf, redis_url=redis, idempotency_store=sqlite) == redis
+    assert store_url(tf, idempotency_store=sqlite) == sqlite
+    assert store_url(tf, idempotency_store=other) == other
+    assert blocks(tf, "variable")["redis_url"]["sensitive"] is True
+
+
+def test_a_shared_store_scales_to_max_instances_and_sqlite_to_one(tf: dict[str, Any]) -> None:
+    sqlite = "sqlite:////tmp/gcs-notifier/state/notifier.db"
+    redis = "redis://10.0.0.3:6379/0"
+    assert max_instance_count(tf) == 10
+    assert max_instance_count(tf, max_instances=25) == 25
+    assert max_instance_count(tf, idempotency_store="firestore:///db?prefix=p") == 10
+    assert max_instance_count(tf, redis_url=redis) == 10
+    # Each instance would deduplicate alone in its own SQLite file.
+    assert max_instance_count(tf, idempotency_store=sqlite) == 1
+    assert max_instance_count(tf, idempotency_store=sqlite, max_instances=25) == 1
+    assert max_instance_count(tf, idempotency_store=sqlite, redis_url=redis) == 10
+
+
+def test_store_variables_refuse_what_cannot_work(tf: dict[str, Any]) -> None:
+    store = version_rule(tf, "idempotency_store")
+    for accepted in ("", "firestore:///db?prefix=p", "firestore://p/db", "sqlite:////tmp/x.db"):
+        assert store(accepted), accepted
+    # Redis goes through the sensitive redis_url; memory forgets everything at once.
+    for refused in ("redis://10.0.0.3:6379/0", "memory", "sqlite:x.db", "firestore:/db"):
+        assert not store(refused), refused
+    name = version_rule(tf, "firestore_database")
+    for accepted in ("gcs-notifier", "abcd", "a" * 63, "db-2"):
+        assert name(accepted), accepted
+    for refused in ("(default)", "", "abc", "a" * 64, "-abcd", "abcd-", "Gcs-notifier", "a_bc"):
+        assert not name(refused), refused
+    prefix = version_rule(tf, "store_prefix")
+    for accepted in ("gcs-notifier", "g", "mail-2"):
+        assert prefix(accepted), accepted
+    for refused in ("", "a/b", "Mail", "-x", "x" * 41, "__x__"):
+        assert not prefix(refused), refused
+
+
+def test_a_native_mode_database_of_its_own_in_the_services_region(tf: dict[str, Any]) -> None:
+    _, db = database(tf)
+    _, body = service(tf)
+    assert db["name"] == "${var.firestore_database}"
+    assert db["type"] == "FIRESTORE_NATIVE"
+    assert db["location_id"] == body["location"] == "${var.region}"
+    assert db["project"] == "${var.project}"
+    assert db["concurrency_mode"] == "OPTIMISTIC"
+    assert "${google_project_service.apis}" in db["depends_on"]
+
+
+def test_destroying_the_database_takes_the_same_switch_as_the_service(
+    tf: dict[str, Any],
+) -> None:
+    _, db = database(tf)
+    # ABANDON (the provider's default) would leave the database, and its name, behind.
+    assert db["deletion_policy"] == "DELETE"
+    protection = db["delete_protection_state"]
+    assert conditional(protection)[0] == "deletion_protection"
+    assert evaluate(protection, {"deletion_protection": True}) == "DELETE_PROTECTION_ENABLED"
+    assert evaluate(protection, {"deletion_protection": False}) == "DELETE_PROTECTION_DISABLED"
+
+
+def test_ttl_policies_on_expire_at_in_each_collection_the_stores_write(
+    tf: dict[str, Any],
+) -> None:
+    database_address, _ = database(tf)
+    _, field = only(of_type(tf, "google_firestore_field"))
+    assert field["for_each"] == "${local.ttl_collections}"
+    listed = locals_(tf)["ttl_collections"]
+    match = re.fullmatch(r"\$\{toset\(\[(.*)\]\)\}", listed, re.S)
+    assert match, listed
+    items = [item.strip() for item in match[1].split(",") if item.strip()]
+    names = [re.fullmatch(r'"\$\{var\.store_prefix\}-([a-z-]+)"', item) for item in items]
+    assert all(names), items
+    assert sorted(name[1] for name in names if name) == sorted(TTL_COLLECTIONS)
+    assert field["collection"] == "${each.key}"
+    assert field["field"] == "expire_at"
+    assert field["database"] == "${" + database_address + ".name}"
+    assert field["project"] == "${var.project}"
+    # An empty ttl_config block turns the policy on; an empty index_config drops the field's
+    # single-field indexes.
+    assert field["ttl_config"] == [{}]
+    assert field["index_config"] == [{}]
+
+
+def test_pending_windows_have_their_composite_index(tf: dict[str, Any]) -> None:
+    database_address, _ = database(tf)
+    _, index = only(of_type(tf, "google_firestore_index"))
+    assert index["collection"] == "${var.store_prefix}-digest-windows"
+    assert index["database"] == "${" + database_address + ".name}"
+    assert index["query_scope"] == "COLLECTION"
+    fields = [(entry["field_path"], entry["order"]) for entry in index["fields"]]
+    assert fields == [("pending", "ASCENDING"), ("ready_at", "ASCENDING")]
+
+
+def test_the_runtime_account_uses_this_database_only(tf: dict[str, Any]) -> None:
+    database_address, _ = database(tf)
+    _, grant = only(grants(tf, "google_project_iam_member", "roles/datastore.user"))
+    assert grant["member"] == "serviceAccount:" + account_email(tf, "run")
+    assert "count" not in grant
+    condition = single(grant["condition"])
+    # Firestore docs, "Configure per-database access permissions".
+    assert condition["expression"] == 'resource.name == "${' + database_address + '.id}"'
+    assert condition["title"]
+
+
+def test_the_service_starts_once_its_store_is_ready(tf: dict[str, Any]) -> None:
+    _, body = service(tf)
+    depends_on = set(body["depends_on"])
+    grant_address, _ = only(grants(tf, "google_project_iam_member", "roles/datastore.user"))
+    needed = {
+        grant_address,
+        *of_type(tf, "google_firestore_field"),
+        *of_type(tf, "google_firestore_index"),
+    }
+    assert {"${" + address + "}" for address in needed} <= depends_on
+
+
+def switches(words: list[str]) -> dict[str, str | None]:
+    """A gcloud command's flags: `--name=value`, or `--name` alone (a switch) as None."""
+    found: dict[str, str | None] = {}
+    for word in words:
+        if word.startswith("--"):
+            name, equals, given = word.removeprefix("--").partition("=")
+            found[name] = given if equals else None
+    return found
+
+
+def test_the_readmes_gcloud_store_is_the_terraform_store(tf: dict[str, Any]) -> None:
+    # The gcloud-only path (README, 2b) must make the database, policies, index and grant.
+    variables = blocks(tf, "variable")
+    name = variables["firestore_database"]["default"]
+    prefix = variables["store_prefix"]["default"]
+    (create,) = readme_commands(["gcloud", "firestore", "databases", "create"])
+    given = switches(create)
+    assert given["database"] == name
+    assert given["location"] == "$REGION"
+    assert given["type"] == "firestore-native"
+    assert "delete-protection" in given, "as delete_protection_state, deletion_protection's default"
+    assert given["delete-protection"] is None
+
+    ttls = readme_commands(["gcloud", "firestore", "fields", "ttls", "update"])
+    assert {(c[5], switches(c)["collection-group"]) for c in ttls} == {
+        ("expire_at", f"{prefix}-{collection}") for collection in TTL_COLLECTIONS
+    }
+    assert all("--enable-ttl" in c and switches(c)["database"] == name for c in ttls)
+    exempt = readme_commands(["gcloud", "firestore", "indexes", "fields", "update"])
+    assert {(c[5], switches(c)["collection-group"]) for c in exempt} == {
+        ("expire_at", f"{prefix}-{collection}") for collection in TTL_COLLECTIONS
+    }
+    assert all("--disable-indexes" in c and switches(c)["database"] == name for c in exempt)
+
+    (composite,) = readme_commands(["gcloud", "firestore", "indexes", "composite", "create"])
+    assert [w.partition("=")[2] for w in composite if w.startswith("--field-config=")] == [
+        "field-path=pending,order=ascending",
+        "field-path=ready_at,order=ascending",
+    ]
+    others = flags([w for w in composite if not w.startswith("--field-config=")])
+    assert others["collection-group"] == f"{prefix}-digest-windows"
+    assert others["query-scope"] == "collection"
+    assert others["database"] == name
+
+    binding = [
+        switches(c)
+        for c in readme_commands(["gcloud", "projects", "add-iam-policy-binding"])
+        if switches(c).get("role") == "roles/datastore.user"
+    ]
+    (granted,) = binding
+    assert granted["member"] == "serviceAccount:$RUN_SA"
+    condition = granted["condition"]
+    assert condition is not None
+    expression = condition.split(",")[0]
+    assert expression == f'expression=resource.name=="projects/$PROJECT/databases/{name}"'
