@@ -13,7 +13,8 @@ import pytest
 from app.delivery.store import Claim, IdempotencyStore, StoreUnavailable, open_store
 from tests.redis_server import redis_server
 
-BACKENDS = ["memory", "sqlite", "redis"]
+pytest_plugins = ["tests.firestore_emulator"]
+BACKENDS = ["memory", "sqlite", "redis", "firestore"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -22,14 +23,24 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield "memory"
     elif request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/state/notifier.db"
+    elif request.param == "firestore":
+        yield request.getfixturevalue("firestore_url")
     else:
         with redis_server(tmp_path) as url:
             yield url
 
 
+def open_backend(url: str) -> IdempotencyStore:
+    if url.startswith("firestore://"):  # until open_store knows firestore://
+        from app.delivery.firestore_store import FirestoreStore
+
+        return FirestoreStore.from_url(url)
+    return open_store(url)
+
+
 def run(store_url: str, scenario: object) -> None:
     async def main() -> None:
-        store = open_store(store_url)
+        store = open_backend(store_url)
         try:
             await scenario(store)  # type: ignore[operator]
         finally:
