@@ -413,26 +413,50 @@ def test_substitution_values_reach_gcloud_as_data(build: dict[str, Any], tmp_pat
     assert not (tmp_path / "pwned2").exists()
 
 
-def test_one_instance_while_deduplication_is_per_instance(
+def test_the_default_store_is_firestore_shared_by_ten_instances(
     build: dict[str, Any], tmp_path: Path
 ) -> None:
     args = deploy_args(build, tmp_path)
-    assert env_vars(args)["IDEMPOTENCY_STORE"].startswith("sqlite:////tmp/")
+    settings = env_vars(args)
+    # No project in the URL: the service takes GOOGLE_CLOUD_PROJECT, this build's project.
+    assert settings["IDEMPOTENCY_STORE"] == "firestore:///gcs-notifier?prefix=gcs-notifier"
+    assert settings["GOOGLE_CLOUD_PROJECT"] == LOCAL_SUBMIT["PROJECT_ID"]
     # The service-level cap holds across revisions; a revision's own may briefly be exceeded.
-    assert flag(args, "--max") == "1"
-    assert flag(args, "--max-instances") == "1"
+    assert flag(args, "--max") == "10"
+    assert flag(args, "--max-instances") == "10"
 
 
-def test_more_instances_need_a_shared_store(build: dict[str, Any], tmp_path: Path) -> None:
-    run = run_step(build, "check", tmp_path, _MAX_INSTANCES="3")
+SQLITE = "sqlite:////tmp/gcs-notifier/state/notifier.db"
+
+
+def test_more_than_one_instance_needs_a_shared_store(build: dict[str, Any], tmp_path: Path) -> None:
+    run = run_step(build, "check", tmp_path, _IDEMPOTENCY_STORE=SQLITE)
     assert run.returncode == 1
-    assert "SQLite" in run.stderr
-    store = "redis://10.0.0.3:6379/0"
-    assert run_step(build, "check", tmp_path, _MAX_INSTANCES="3", _IDEMPOTENCY_STORE=store) == (
-        StepRun(0, "", [])
-    )
-    args = deploy_args(build, tmp_path, _MAX_INSTANCES="3", _IDEMPOTENCY_STORE=store)
-    assert flag(args, "--max") == flag(args, "--max-instances") == "3"
+    assert "_MAX_INSTANCES=10 with the SQLite store" in run.stderr
+    assert run.gcloud_calls == []
+    alone = {"_IDEMPOTENCY_STORE": SQLITE, "_MAX_INSTANCES": "1"}
+    assert run_step(build, "check", tmp_path, **alone) == StepRun(0, "", [])
+    args = deploy_args(build, tmp_path, **alone)
+    assert flag(args, "--max") == flag(args, "--max-instances") == "1"
+    for store in ("redis://10.0.0.3:6379/0", "firestore://other-project/notes?prefix=mail"):
+        assert run_step(build, "check", tmp_path, _MAX_INSTANCES="3", _IDEMPOTENCY_STORE=store) == (
+            StepRun(0, "", [])
+        )
+        args = deploy_args(build, tmp_path, _MAX_INSTANCES="3", _IDEMPOTENCY_STORE=store)
+        assert flag(args, "--max") == flag(args, "--max-instances") == "3"
+        assert env_vars(args)["IDEMPOTENCY_STORE"] == store
+
+
+@pytest.mark.parametrize(
+    "store", ["memory", "", "mysql://db/notifier", "firestore:gcs-notifier", "sqlite:x.db"]
+)
+def test_a_store_the_service_cannot_share_or_open_fails_the_build_early(
+    build: dict[str, Any], tmp_path: Path, store: str
+) -> None:
+    run = run_step(build, "check", tmp_path, _IDEMPOTENCY_STORE=store, _MAX_INSTANCES="1")
+    assert run.returncode == 1
+    assert "_IDEMPOTENCY_STORE must be firestore://" in run.stderr
+    assert run.gcloud_calls == []
 
 
 def test_cpu_is_billed_per_request_with_a_start_up_boost(
@@ -475,7 +499,21 @@ def test_cloud_build_and_terraform_deploy_the_same_service(
         assert set(env_vars(args)) | secret_env == expected, rules
     args = deploy_args(build, tmp_path)
     assert int(flag(args, "--concurrency")) == template["max_instance_request_concurrency"]
-    assert locals_(tf)["idempotency_store"].count(env_vars(args)["IDEMPOTENCY_STORE"]) == 1
+    # The same Firestore database and collections: Terraform names the project, Cloud Build
+    # leaves it to GOOGLE_CLOUD_PROJECT, this build's project.
+    (database,) = of_type(tf, "google_firestore_database").values()
+    assert database["name"] == "${var.firestore_database}"
+    assert locals_(tf)["firestore_url"] == (
+        "firestore://${var.project}/${google_firestore_database.store.name}"
+        "?prefix=${var.store_prefix}"
+    )
+    assert env_vars(args)["IDEMPOTENCY_STORE"] == (
+        f"firestore:///{variables['firestore_database']['default']}"
+        f"?prefix={variables['store_prefix']['default']}"
+    )
+    assert variables["idempotency_store"]["default"] == ""
+    assert variables["redis_url"]["default"] == ""
+    assert int(flag(args, "--max")) == variables["max_instances"]["default"]
     resources_ = single(containers["resources"])
     assert flag(args, "--cpu") == resources_["limits"]["cpu"]
     assert flag(args, "--memory") == resources_["limits"]["memory"]
