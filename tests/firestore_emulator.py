@@ -31,8 +31,8 @@ from tests.servers import free_port
 JAR = "platform/cloud-firestore-emulator/cloud-firestore-emulator.jar"
 MAIN_CLASS = "com.google.cloud.datastore.emulator.firestore.CloudFirestore"
 INSTALL = (
-    "apt-get install google-cloud-cli-firestore-emulator openjdk-17-jre-headless"
-    " (or gcloud components install cloud-firestore-emulator)"
+    "apt-get install google-cloud-cli-firestore-emulator openjdk-17-jre-headless,"
+    " or gcloud components install cloud-firestore-emulator"
 )
 DATABASE = "gcs-notifier"
 START_SECONDS = 60.0  # a JVM on a busy two-core machine
