@@ -264,9 +264,15 @@ def _as_errors(problems: list[str]) -> list[InitErrorDetails]:
 
 
 def check_store_url(value: str) -> str:
-    """`memory`, `sqlite:///PATH` or `redis[s]://HOST[:PORT][/DB]`, parsed now so a typo stops
-    start-up rather than failing every event."""
+    """`memory`, `sqlite:///PATH`, `redis[s]://HOST[:PORT][/DB]` or
+    `firestore://[PROJECT]/DATABASE[?prefix=NAME]`, parsed now so a typo stops start-up rather
+    than failing every event."""
     if value == "memory":
+        return value
+    if value.startswith("firestore:"):
+        from app.firestore import FirestoreLocation  # parsing imports no Google library
+
+        FirestoreLocation.parse(value)
         return value
     if value.startswith("sqlite:///"):
         path = value.removeprefix("sqlite:///")
@@ -286,7 +292,9 @@ def check_store_url(value: str) -> str:
             raise ValueError("redis URL's database must be a number (redis://HOST:PORT/DB)")
         del port
         return value
-    raise ValueError("must be sqlite:///PATH, redis://HOST:PORT/DB or memory")
+    raise ValueError(
+        "must be sqlite:///PATH, redis://HOST:PORT/DB, firestore://PROJECT/DATABASE or memory"
+    )
 
 
 def describe_error(error: ValidationError) -> str:

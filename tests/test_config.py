@@ -144,7 +144,16 @@ def test_log_level_is_case_insensitive(monkeypatch: pytest.MonkeyPatch, level: s
     assert settings(monkeypatch, LOG_LEVEL=level).log_level == level.upper()
 
 
-@pytest.mark.parametrize("store", ["memory", "sqlite:///./state/x.db", "redis://localhost:6379/0"])
+@pytest.mark.parametrize(
+    "store",
+    [
+        "memory",
+        "sqlite:///./state/x.db",
+        "redis://localhost:6379/0",
+        "firestore://my-project/gcs-notifier?prefix=gcs-notifier",
+        "firestore:///gcs-notifier",
+    ],
+)
 def test_idempotency_store_urls_are_accepted(monkeypatch: pytest.MonkeyPatch, store: str) -> None:
     assert settings(monkeypatch, IDEMPOTENCY_STORE=store).idempotency_store == store
 
@@ -288,6 +297,10 @@ def test_a_blank_key_counts_as_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
         ("redis://127.0.0.1:6379/zero", "must be a number"),
         ("sqlite:///", "needs the path"),
         ("sqlite:///state/", "needs the path"),
+        ("firestore://my-project", "names no database"),
+        ("firestore://my-project/gcs-notifier?prefx=x", "unknown parameters prefx"),
+        ("firestore://My_Project/gcs-notifier", "not a Google Cloud project id"),
+        ("mysql://db/x", "firestore://PROJECT/DATABASE"),
     ],
 )
 def test_store_urls_that_cannot_work_are_refused(

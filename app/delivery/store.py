@@ -48,7 +48,8 @@ class IdempotencyStore(Protocol):
 
 
 def open_store(url: str) -> IdempotencyStore:
-    """`memory`, `sqlite:///PATH` or `redis://HOST:PORT/DB` (backends imported only when used)."""
+    """`memory`, `sqlite:///PATH`, `redis://HOST:PORT/DB` or `firestore://[PROJECT]/DATABASE`
+    (backends imported only when used)."""
     if url == "memory":
         from app.delivery.memory_store import MemoryStore
 
@@ -61,4 +62,8 @@ def open_store(url: str) -> IdempotencyStore:
         from app.delivery.redis_store import RedisStore
 
         return RedisStore.from_url(url)
+    if url.startswith("firestore://"):
+        from app.delivery.firestore_store import FirestoreStore
+
+        return FirestoreStore.from_url(url)
     raise ValueError(f"unknown idempotency store URL scheme: {url.split(':', 1)[0]!r}")

@@ -171,10 +171,11 @@ class DigestStore(Protocol):
 
 
 def open_digest_store(url: str) -> DigestStore:
-    """`memory`, `sqlite:///PATH` or `redis://...`/`rediss://...`, as the idempotency store's
-    URL (app.delivery.store.open_store): a SQLite digest store shares the idempotency store's
-    file, in its own tables over its own connection. Backends are imported only when used;
-    StoreUnavailable if the SQLite file cannot be opened, ValueError for another scheme."""
+    """`memory`, `sqlite:///PATH`, `redis://...`/`rediss://...` or `firestore://...`, as the
+    idempotency store's URL (app.delivery.store.open_store): a SQLite digest store shares the
+    idempotency store's file, in its own tables over its own connection. Backends are imported
+    only when used; StoreUnavailable if the SQLite file cannot be opened, ValueError for another
+    scheme."""
     if url == "memory":
         from app.digests.memory_store import MemoryDigestStore
 
@@ -187,6 +188,10 @@ def open_digest_store(url: str) -> DigestStore:
         from app.digests.redis_store import RedisDigestStore
 
         return RedisDigestStore.from_url(url)
+    if url.startswith("firestore://"):
+        from app.digests.firestore_store import FirestoreDigestStore
+
+        return FirestoreDigestStore.from_url(url)
     raise ValueError(f"unknown digest store URL scheme: {url.split(':', 1)[0]!r}")
 
 
