@@ -316,7 +316,7 @@ class Runtime:
                 log.warning(
                     "digest windows are kept in SQLite on Cloud Run: the file lives in the "
                     "instance's memory, so pending digests are lost when the instance stops; "
-                    "set IDEMPOTENCY_STORE to a redis:// URL",
+                    "set IDEMPOTENCY_STORE to a firestore:// (or redis://) URL",
                     extra={"store": url, "digest_routes": sorted(routes)},
                 )
             store = open_digest_store(url)

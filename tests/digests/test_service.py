@@ -271,7 +271,7 @@ def test_k_service_with_a_sqlite_store_and_a_digest_route_warns_at_start(tmp_pat
         eventually(lambda: "instance's memory" in service.output(), seconds=10)
     warning = next(line for line in service.output().splitlines() if "instance's memory" in line)
     assert '"severity": "WARNING"' in warning or '"severity":"WARNING"' in warning
-    assert "redis://" in warning
+    assert "firestore://" in warning
 
 
 @pytest.fixture
