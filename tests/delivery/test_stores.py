@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.delivery.store import Claim, IdempotencyStore, StoreUnavailable, open_store
+from app.firestore import FirestoreLocation
 from tests.redis_server import redis_server
 
 pytest_plugins = ["tests.firestore_emulator"]
@@ -30,17 +31,9 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
             yield url
 
 
-def open_backend(url: str) -> IdempotencyStore:
-    if url.startswith("firestore://"):  # until open_store knows firestore://
-        from app.delivery.firestore_store import FirestoreStore
-
-        return FirestoreStore.from_url(url)
-    return open_store(url)
-
-
 def run(store_url: str, scenario: object) -> None:
     async def main() -> None:
-        store = open_backend(store_url)
+        store = open_store(store_url)
         try:
             await scenario(store)  # type: ignore[operator]
         finally:
@@ -176,6 +169,16 @@ def test_unreachable_redis_raises_store_unavailable() -> None:
         await store.aclose()
 
     asyncio.run(scenario())
+
+
+def test_firestore_urls_open_the_firestore_store_without_a_call() -> None:
+    from app.delivery.firestore_store import FirestoreStore
+
+    store = open_store("firestore:///gcs-notifier?prefix=p")  # no client yet, so no credentials
+    assert isinstance(store, FirestoreStore)
+    assert store.location == FirestoreLocation(None, "gcs-notifier", "p")
+    with pytest.raises(ValueError, match="names no database"):
+        open_store("firestore://my-project")
 
 
 def test_unknown_store_url_is_refused() -> None:
