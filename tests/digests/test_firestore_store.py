@@ -321,7 +321,7 @@ def test_two_flushes_on_two_instances_claim_a_window_once(firestore_url: str) ->
         for n in range(2, 7):
             await one.add("r", 60, 10, item(n), NOW + 1)
         claims = await asyncio.gather(
-            *(store.claim(window, f"{n}", 30, NOW + 60) for n in range(10) for store in (one, two))
+            *((one, two)[n % 2].claim(window, f"o{n}", 30, NOW + 60) for n in range(20))
         )
         assert claims.count(Claim.CLAIMED) == 1
         assert claims.count(Claim.IN_FLIGHT) == 19
