@@ -320,9 +320,16 @@ def test_two_flushes_on_two_instances_claim_a_window_once(firestore_url: str) ->
         window = (await one.add("r", 60, 10, item(1), NOW)).window_id
         for n in range(2, 7):
             await one.add("r", 60, 10, item(n), NOW + 1)
-        claims = await asyncio.gather(
-            *((one, two)[n % 2].claim(window, f"o{n}", 30, NOW + 60) for n in range(20))
-        )
+
+        async def flush_all(at: float) -> list[Claim]:
+            return await asyncio.gather(
+                *((one, two)[n % 2].claim(window, f"o{at}-{n}", 30, at) for n in range(20))
+            )
+
+        claims = await flush_all(NOW + 60)  # closing the open window
+        assert claims.count(Claim.CLAIMED) == 1
+        assert claims.count(Claim.IN_FLIGHT) == 19
+        claims = await flush_all(NOW + 90)  # taking over from a sender whose lease ran out
         assert claims.count(Claim.CLAIMED) == 1
         assert claims.count(Claim.IN_FLIGHT) == 19
         assert (await two.read(window)).info.state is WindowState.SENDING
