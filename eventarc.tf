@@ -537,25 +537,6 @@ resource "google_firestore_field" "expire_at" {
   index_config {}
 }
 
-# The digest store finds the windows to flush with `pending == true` ordered by `ready_at`: an
-# equality on one field with an order on another needs a composite index.
-resource "google_firestore_index" "pending_windows" {
-  project     = var.project
-  database    = google_firestore_database.store.name
-  collection  = "${var.store_prefix}-digest-windows"
-  query_scope = "COLLECTION"
-
-  fields {
-    field_path = "pending"
-    order      = "ASCENDING"
-  }
-
-  fields {
-    field_path = "ready_at"
-    order      = "ASCENDING"
-  }
-}
-
 # Read and write documents (roles/datastore.user), in this database only: the IAM condition
 # (Firestore docs, "Configure per-database access permissions") keeps the runtime account out of
 # the project's other databases.
@@ -741,7 +722,6 @@ resource "google_cloud_run_v2_service" "notifier" {
     google_secret_manager_secret_iam_member.runtime_reads_sendgrid_key,
     google_secret_manager_secret_iam_member.runtime_reads_rules,
     google_firestore_field.expire_at,
-    google_firestore_index.pending_windows,
     google_project_iam_member.runtime_uses_store,
   ]
 }

@@ -34,6 +34,9 @@ DEFAULT_PREFIX = "gcs-notifier"
 # Both sit well inside Cloud Run's request timeout, so a delivery answers 503 and is redelivered.
 CALL_SECONDS = 5.0
 OPERATION_SECONDS = 10.0
+# Reading a whole digest window streams one document per event (about 3,000 a second measured
+# on the emulator): a flush, not a delivery, waits for it, within Cloud Scheduler's 30 s attempt.
+WINDOW_READ_SECONDS = 25.0
 
 # https://cloud.google.com/resource-manager/docs/creating-managing-projects: 6-30 characters,
 # lowercase letters, digits and hyphens, starting with a letter; older projects may carry a
@@ -184,9 +187,9 @@ class FirestoreClient:
 
 
 @cache
-def call_options() -> dict[str, Any]:
-    """`retry` and `timeout` for every RPC: transient errors are retried, all within
-    CALL_SECONDS (`timeout` is the deadline of all attempts together)."""
+def call_options(seconds: float = CALL_SECONDS) -> dict[str, Any]:
+    """`retry` and `timeout` for every RPC: transient errors are retried, all within `seconds`
+    (CALL_SECONDS; `timeout` is the deadline of all attempts together)."""
     from google.api_core import exceptions
     from google.api_core.retry_async import AsyncRetry, if_exception_type
 
@@ -199,21 +202,22 @@ def call_options() -> dict[str, Any]:
         exceptions.Unknown,
     )
     retry = AsyncRetry(
-        predicate=transient, initial=0.1, maximum=1.0, multiplier=2.0, timeout=CALL_SECONDS
+        predicate=transient, initial=0.1, maximum=1.0, multiplier=2.0, timeout=seconds
     )
-    return {"retry": retry, "timeout": CALL_SECONDS}
+    return {"retry": retry, "timeout": seconds}
 
 
 @asynccontextmanager
-async def operation() -> AsyncIterator[None]:
-    """One store operation: bounded by OPERATION_SECONDS, Firestore's failures raised as
-    StoreUnavailable (answered 503, so Eventarc delivers again)."""
+async def operation(seconds: float | None = None) -> AsyncIterator[None]:
+    """One store operation: bounded by `seconds` (OPERATION_SECONDS), Firestore's failures
+    raised as StoreUnavailable (answered 503, so Eventarc delivers again)."""
+    seconds = OPERATION_SECONDS if seconds is None else seconds
     try:
-        async with asyncio.timeout(OPERATION_SECONDS):
+        async with asyncio.timeout(seconds):
             with unavailable_on_error():
                 yield
     except TimeoutError as error:
-        raise StoreUnavailable(f"firestore: no answer within {OPERATION_SECONDS:g} s") from error
+        raise StoreUnavailable(f"firestore: no answer within {seconds:g} s") from error
 
 
 @contextmanager

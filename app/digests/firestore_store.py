@@ -82,6 +82,7 @@ from app.digests.store import (
 )
 from app.digests.window import DigestItem, DigestSummary
 from app.firestore import (
+    WINDOW_READ_SECONDS,
     FirestoreClient,
     FirestoreLocation,
     call_options,
@@ -406,13 +407,14 @@ class FirestoreDigestStore:
     # --- reading ----------------------------------------------------------------------------
 
     async def read(self, window_id: str) -> DigestWindow:
-        async with operation():
+        # A flush reads a whole window, one document per event: a longer bound than a delivery's.
+        async with operation(WINDOW_READ_SECONDS):
             client = await self._firestore.get()
             ref = self._window(client, window_id)
             snap = await ref.get(**call_options())
             if not snap.exists:
                 raise UnknownWindow(window_id)
-            events = ref.collection(self._events).stream(**call_options())
+            events = ref.collection(self._events).stream(**call_options(WINDOW_READ_SECONDS))
             arrived = [event async for event in events]
         try:
             window = snap.to_dict() or {}
