@@ -3,7 +3,8 @@
 It is the default when no SendGrid key is configured and the tests' double, so it mirrors what
 SendGrid receives: the SendGrid notifier sends one personalization per recipient, and SendGrid
 delivers one message to each, with only that recipient in `To:` (nobody sees the list). Here that
-is one file per recipient. Open the files with any mail client, or read them as text.
+is one file per recipient. Open the files with any mail client, or read them as text, or at
+/outbox (app/outbox_view), which `on_written` tells of each new file.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
@@ -22,6 +24,7 @@ from app.notify.base import Notification, Receipt, TransientDeliveryError
 log = logging.getLogger(__name__)
 
 VARIABLE = "OUTBOX_DIR"  # named in every failure, so the operator knows what to fix
+ROUTE_HEADER = "X-Gcs-Notifier-Route"  # the rules' route that sent it, for the outbox view
 
 
 def build_message(notification: Notification, recipient: str) -> EmailMessage:
@@ -32,6 +35,9 @@ def build_message(notification: Notification, recipient: str) -> EmailMessage:
     message["Subject"] = notification.subject
     message["Date"] = formatdate(localtime=False, usegmt=True)
     message["Message-ID"] = make_msgid(domain="gcs-notifier.local")
+    route = notification.context.get("route")
+    if route:
+        message[ROUTE_HEADER] = route
     message.set_content(notification.text)  # text/plain first: clients show the last part
     message.add_alternative(notification.html, subtype="html")  # they can render
     return message
@@ -63,8 +69,13 @@ class OutboxNotifier:
     name = "outbox"
     max_recipients: int | None = None
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self, directory: Path, on_written: Callable[[list[Path]], None] | None = None
+    ) -> None:
+        """`on_written(paths)` is called in the event loop after each notification's files are
+        written (the outbox view's live feed); its failure is logged, never the send's."""
         self.directory = directory
+        self.on_written = on_written
 
     async def send(self, notification: Notification) -> Receipt:
         copies = [
@@ -98,6 +109,11 @@ class OutboxNotifier:
                 "notifier": self.name,
             },
         )
+        if self.on_written is not None:
+            try:
+                self.on_written(paths)
+            except Exception:
+                log.exception("outbox listener failed", extra={"notifier": self.name})
         # One id for the receipt, as SendGrid's X-Message-Id names one request: the first copy's.
         first = str(copies[0][1]["Message-ID"]) if copies else None
         return Receipt(notifier=self.name, message_id=first)

@@ -277,3 +277,71 @@ def test_the_redelivery_after_a_partial_failure_writes_each_copy_once(tmp_path: 
         (tmp_path / name).rmdir()
     send(tmp_path, notification("change-1", recipients=TEAM))
     assert sorted(str(parse(path)["To"]) for path in emails(tmp_path)) == sorted(TEAM)
+
+
+def test_on_written_is_told_the_paths_of_every_copy_once_they_exist(tmp_path: Path) -> None:
+    told: list[list[Path]] = []
+
+    def on_written(paths: list[Path]) -> None:
+        assert all(path.is_file() for path in paths)  # written before the listener hears
+        told.append(paths)
+
+    async def scenario() -> None:
+        notifier = OutboxNotifier(tmp_path, on_written=on_written)
+        await notifier.send(notification("change-1", recipients=TEAM))
+        await notifier.send(notification("change-2"))
+
+    asyncio.run(scenario())
+    assert [len(paths) for paths in told] == [3, 1]
+    assert sorted(path for paths in told for path in paths) == emails(tmp_path)
+
+
+def test_on_written_is_not_called_when_the_write_fails(tmp_path: Path) -> None:
+    told: list[list[Path]] = []
+    block(tmp_path, "change-1", TEAM[1])
+
+    async def scenario() -> None:
+        await OutboxNotifier(tmp_path, on_written=told.append).send(
+            notification("change-1", recipients=TEAM)
+        )
+
+    with pytest.raises(TransientDeliveryError):
+        asyncio.run(scenario())
+    assert told == []
+
+
+def test_a_failing_listener_is_logged_and_the_send_still_succeeds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def on_written(_: list[Path]) -> None:
+        raise RuntimeError("listener bug")
+
+    async def scenario() -> Receipt:
+        return await OutboxNotifier(tmp_path, on_written=on_written).send(notification())
+
+    with caplog.at_level(logging.ERROR, logger="app.notify.outbox"):
+        receipt = asyncio.run(scenario())
+    assert receipt.message_id is not None
+    assert len(emails(tmp_path)) == 1
+    assert [record.message for record in caplog.records] == ["outbox listener failed"]
+
+
+def test_the_route_that_sent_it_is_a_header(tmp_path: Path) -> None:
+    routed = Notification(
+        key="change-1",
+        subject="s",
+        text="t",
+        html="<p>h</p>",
+        recipients=("ops@example.com",),
+        sender="notifier@example.com",
+        context={"event_id": "evt-1", "route": "finance-reports"},
+    )
+    send(tmp_path, routed)
+    _, message = the_one_message(tmp_path)
+    assert message["X-Gcs-Notifier-Route"] == "finance-reports"
+
+
+def test_an_email_sent_without_rules_has_no_route_header(tmp_path: Path) -> None:
+    send(tmp_path, notification())
+    _, message = the_one_message(tmp_path)
+    assert "X-Gcs-Notifier-Route" not in message
