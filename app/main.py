@@ -5,6 +5,9 @@ Creating the app reads the settings and checks what they point at (app/preflight
 that must take files, the SQLite database. The event pipeline (store, notifier, token verifier)
 is opened on first use (app/runtime.py) and closed when the server stops, after in-flight
 requests have finished. Nothing happens at import.
+
+With NOTIFIER=outbox and EVENT_AUTH=none the app also serves the outbox view (/outbox,
+app/api/outbox.py); otherwise none of it is mounted.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import datetime as datetime_api
-from app.api import digests, errors, events, health
+from app.api import digests, errors, events, health, outbox
 from app.api.openapi import document_event_route
 from app.config import Settings, load_settings
 from app.logs import current_trace, trace_from_header
+from app.outbox_view import enabled as outbox_view_enabled
+from app.outbox_view.feed import OutboxFeed
 from app.preflight import check
 from app.runtime import Runtime
 
@@ -114,11 +119,17 @@ def create_app(
     answering events and /healthz with 503."""
     settings = settings or load_settings()
     check(settings, own_notifier=notifier is None, own_store=store is None)
+    feed = OutboxFeed(settings.outbox_dir) if outbox_view_enabled(settings) else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime(
-            settings, notifier=notifier, store=store, on_loaded=on_loaded, on_fatal=on_fatal
+            settings,
+            notifier=notifier,
+            store=store,
+            on_loaded=on_loaded,
+            on_fatal=on_fatal,
+            outbox_feed=feed,
         )
         app.state.runtime = runtime
         runtime.started()
@@ -142,5 +153,9 @@ def create_app(
     app.router.routes.extend(digests.routes)
     app.include_router(datetime_api.router)
     app.include_router(health.router)
+    if feed is not None:
+        app.state.outbox_feed = feed
+        app.state.outbox_dir = settings.outbox_dir
+        app.router.routes.extend(outbox.routes)
     document_event_route(app)
     return app

@@ -16,6 +16,10 @@ When the rules have `digest` or `rate` routes, the event path is opened as soon 
 a timer flushes due digest windows every DIGEST_FLUSH_SECONDS (1 s): a restarted service sends
 the windows it left pending without waiting for an event. At SIGTERM the timer stops and one last
 flush sends the windows already due, within the grace period; the rest stay in the store.
+
+With the outbox view on (app/outbox_view), the outbox notifier tells its feed of each file it
+writes, and SIGTERM ends the view's live streams at once, so open pages do not hold up the
+graceful shutdown.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
     from app.digests.flush import DigestRoute, Digests
     from app.digests.store import DigestStore
     from app.notify.base import Notifier
+    from app.outbox_view.feed import OutboxFeed
     from app.rules.base import Router
     from app.security.tokens import TokenVerifier
 
@@ -48,7 +53,7 @@ LOAD_SWITCH_INTERVAL = 0.0005  # seconds; sys.getswitchinterval() is 0.005 by de
 RULES_LOAD_DELAY = 0.05  # seconds after start-up, unless something needs the rules sooner
 
 
-def make_notifier(settings: Settings) -> Notifier:
+def make_notifier(settings: Settings, outbox_feed: OutboxFeed | None = None) -> Notifier:
     if settings.notifier == "sendgrid":
         from app.notify.sendgrid import SendGridNotifier
 
@@ -62,7 +67,8 @@ def make_notifier(settings: Settings) -> Notifier:
         )
     from app.notify.outbox import OutboxNotifier
 
-    return OutboxNotifier(settings.outbox_dir)
+    on_written = outbox_feed.written if outbox_feed is not None else None
+    return OutboxNotifier(settings.outbox_dir, on_written=on_written)
 
 
 def make_verifier(settings: Settings) -> TokenVerifier:
@@ -107,7 +113,8 @@ def _store_description(url: str) -> str:
 class Runtime:
     """Builds the pipeline and the token verifier once, on first use; tests may hand in a
     notifier or a store, which stay theirs to close. `on_loaded` runs once the event path has
-    been imported (the process entry point freezes the collector there)."""
+    been imported (the process entry point freezes the collector there). `outbox_feed` hears of
+    every file the outbox notifier it makes writes."""
 
     def __init__(
         self,
@@ -118,8 +125,10 @@ class Runtime:
         digest_store: DigestStore | None = None,
         on_loaded: Callable[[], None] | None = None,
         on_fatal: Callable[[str], None] | None = None,
+        outbox_feed: OutboxFeed | None = None,
     ) -> None:
         self.settings = settings
+        self._outbox_feed = outbox_feed
         self._notifier = notifier
         self._store = store
         self._digest_store = digest_store
@@ -241,6 +250,8 @@ class Runtime:
         loop.call_soon_threadsafe(self._drain, grace_seconds)
 
     def _drain(self, grace_seconds: float) -> None:
+        if self._outbox_feed is not None:
+            self._outbox_feed.close()  # open /outbox pages must not hold up the shutdown
         if self._pipeline is None or self._loop is None:
             return
         self._pipeline.drain(self._loop.time() + grace_seconds)
@@ -284,7 +295,7 @@ class Runtime:
             self._owned.push_async_callback(store.aclose)
         notifier = self._notifier
         if notifier is None:
-            notifier = make_notifier(settings)
+            notifier = make_notifier(settings, self._outbox_feed)
             self._owned.push_async_callback(notifier.aclose)
         routes = router.digest_routes() if router is not None else {}
         digests = self._build_digests(routes, notifier) if routes else None
@@ -331,6 +342,8 @@ class Runtime:
         )
 
     async def aclose(self) -> None:
+        if self._outbox_feed is not None:
+            self._outbox_feed.close()
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
