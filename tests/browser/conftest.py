@@ -43,7 +43,9 @@ SCREENSHOTS = ROOT / "test-output" / "browser"
 
 # Chromium as root, on a closed network: no sandbox (root), and none of the background
 # connections (updates, sync, field trials) the network would refuse. Playwright adds a fresh
-# user data directory to every launch.
+# user data directory to every launch. Chromium's Local Network Access checks would stop a
+# sandboxed email's request to the loopback canary before it is sent: the hostile-email test
+# would then pass for Chromium's reason, not the page's (other browsers have no such check).
 CHROMIUM_ARGS = (
     "--no-sandbox",
     "--disable-gpu",
@@ -52,6 +54,7 @@ CHROMIUM_ARGS = (
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    "--disable-features=LocalNetworkAccessChecks",
 )
 
 # How Chromium says it stopped something a sandboxed frame or a CSP forbids: the proof that a
