@@ -5,6 +5,9 @@ tab, the tabs by keyboard, delete, and a hostile email that stays inert."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +15,8 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.browser.conftest import Canary, Service, Services, Watch
+from tests.factories import EVENTARC_PATH
+from tests.servers import ROOT, ServiceProcess
 
 pytestmark = pytest.mark.browser
 
@@ -359,3 +364,33 @@ def test_screenshots_for_review(
 
     for path in shots:
         assert path.read_bytes().startswith(b"\x89PNG"), path
+
+
+def test_the_issue_done_when_python_m_app_and_three_emits(page: Page, tmp_path: Path) -> None:
+    """`python -m app` (outbox, no event auth), three `python -m app.emit` calls, and the list
+    shows the three emails, the newest first; opening one shows the rendered HTML."""
+    env = {"NOTIFIER": "outbox", "EVENT_AUTH": "none", "IDEMPOTENCY_STORE": "memory"}
+    names = ["demo/one.txt", "demo/two.txt", "demo/three.txt"]
+    with ServiceProcess(env, tmp_path) as service:
+        for index, name in enumerate(names):
+            if index:
+                time.sleep(1.02 - time.time() % 1)  # distinct seconds: a file's time
+            command = ["finalized", "--bucket", "demo", "--name", name]
+            emitted = subprocess.run(
+                [sys.executable, "-m", "app.emit", *command, "--url", service.url + EVENTARC_PATH],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert emitted.returncode == 0, emitted.stdout + emitted.stderr
+
+        page.goto(f"{service.url}/outbox")
+        rows = page.locator(ROWS)
+        expect(rows).to_have_count(3)
+        subjects = visible_rows(page)
+        assert [name for subject in subjects for name in names if name in subject] == names[::-1]
+        rows.first.locator("td a").click()
+        frame = page.locator("iframe#html-frame").content_frame
+        expect(frame.get_by_text("demo/three.txt").first).to_be_visible()
+        page.goto("about:blank")  # let go of the event stream before the service stops
