@@ -49,6 +49,7 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",
 }
 EMAIL_HEADERS = {**PAGE_HEADERS, "Content-Security-Policy": EMAIL_CSP}
+ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 SAME_ORIGIN_FETCH = frozenset({"same-origin", "none"})  # `none`: typed or bookmarked by the user
 
 
@@ -191,8 +192,17 @@ async def delete_all_form(request: Request) -> Response:
     return RedirectResponse("/outbox", status_code=303, headers=PAGE_HEADERS)
 
 
+async def to_list(_: Request) -> Response:
+    return RedirectResponse("/outbox", status_code=307, headers=PAGE_HEADERS)
+
+
+async def not_found(_: Request) -> Response:
+    raise _not_found()
+
+
 # Fixed paths before `{id}` ones; `{id}.eml` before `{id}` (which would take `ID.eml` whole and
-# answer 404, as it does for any other suffix).
+# answer 404, as it does for any other suffix). Anything else under /outbox/ is 404, whatever the
+# method: not a 405, and not the router's redirect of a trailing slash (`ID%2F`) either.
 routes = [
     Route("/outbox", list_page, methods=["GET"], name="outbox"),
     Route("/outbox", delete_all, methods=["DELETE"], name="outbox_delete_all"),
@@ -206,4 +216,6 @@ routes = [
     Route("/outbox/{id}/delete", delete_one_form, methods=["POST"], name="outbox_delete_form"),
     Route("/outbox/{id}", message_page, methods=["GET"], name="outbox_message"),
     Route("/outbox/{id}", delete_one, methods=["DELETE"], name="outbox_delete"),
+    Route("/outbox/", to_list, methods=["GET"], name="outbox_slash"),
+    Route("/outbox/{rest:path}", not_found, methods=ANY_METHOD, name="outbox_not_found"),
 ]
