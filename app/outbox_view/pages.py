@@ -16,6 +16,7 @@ HERE = Path(__file__).parent
 STATIC = {  # the only files /outbox/static serves: no path is built from the request
     "outbox.js": "text/javascript; charset=utf-8",
     "outbox.css": "text/css; charset=utf-8",
+    "icon.svg": "image/svg+xml",  # else the browser asks for /favicon.ico, a 404
 }
 _DOCTYPE = re.compile(r"\A\s*<!doctype[^>]*>", re.IGNORECASE)
 BASE = '<base target="_blank">'

@@ -411,6 +411,7 @@ def test_every_page_sends_the_strict_headers(view: ThreadedServer, outbox: Path)
         "/outbox/api/messages",
         "/outbox/static/outbox.js",
         "/outbox/static/outbox.css",
+        "/outbox/static/icon.svg",
     ]
     for path in paths:
         answer = httpx.get(f"{view.url}{path}")
