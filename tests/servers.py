@@ -73,6 +73,11 @@ class ThreadedServer:
         return self
 
     def __exit__(self, *_: object) -> None:
+        # As SIGTERM does in `python -m app`: sends get their deadline, and open event streams
+        # (/outbox/events) end, so uvicorn's shutdown is not held up by a page left open.
+        runtime = getattr(self.app.state, "runtime", None)
+        if runtime is not None:
+            runtime.shutting_down(5)
         self.server.should_exit = True
         self.thread.join(timeout=15)
 
