@@ -71,6 +71,14 @@ a `StorageObjectData`, as the `application/json` body.
 **Structured mode**: the whole event, attributes and `data`, as one
 `{STRUCTURED}` document (what `python -m app.replay` sends).
 
+The same change is also accepted as Google's other deliveries carry it (README, "Every way a
+change arrives"): an Eventarc Pub/Sub trigger's `google.cloud.pubsub.topic.v1.messagePublished`
+CloudEvent; a Pub/Sub push of a Cloud Storage notification, `{{"message": {{"attributes",
+"data", "messageId", "publishTime"}}, "subscription"}}`, or unwrapped (the object as the body,
+the attributes as headers: write metadata on); a 1st-gen background event,
+`{{"context", "data"}}` or flat. A message recognised but of no use here (another topic, an
+unknown event type) is answered `200 {{"status": "ignored"}}`, so Pub/Sub does not retry it.
+
 Each storage change is notified once: deduplication is on type, bucket, object name,
 generation and metageneration, not on the message id. Answers are chosen for Eventarc,
 which delivers again anything not answered 102, 200, 201, 202 or 204, for 24 hours:
