@@ -50,9 +50,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from google.api_core.exceptions import AlreadyExists, FailedPrecondition, NotFound
 from google.cloud.firestore import (
@@ -103,6 +103,7 @@ EVENT_KEEP_SECONDS = 30 * 24 * 3600.0
 # Each retry follows another writer's success (a window opened, a state changed), so a few
 # suffice; `take` under many concurrent emails of one route needs more, spaced out.
 _ATTEMPTS = 8
+T = TypeVar("T")
 _TAKE_ATTEMPTS = 64
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -318,71 +319,76 @@ class FirestoreDigestStore:
             return [snap.get("id") async for snap in query.stream(**call_options())]
 
     async def claim(self, window_id: str, owner: str, lease_seconds: float, now: float) -> Claim:
-        async with operation():
-            client = await self._firestore.get()
-            ref = self._window(client, window_id)
-            for _ in range(_ATTEMPTS):
-                snap = await ref.get(**call_options())
-                window = snap.to_dict()
-                if window is None or window["state"] == WindowState.DONE:
-                    return Claim.DONE
-                if (
-                    window["state"] == WindowState.SENDING
-                    and window["lease_until"] > now
-                    and window["owner"] != owner
-                ):
-                    return Claim.IN_FLIGHT
-                fields = {
-                    "state": WindowState.SENDING.value,
-                    "owner": owner,
-                    "lease_until": now + lease_seconds,
-                    "ready_at": now + lease_seconds,
-                }
-                if await self._write_window(client, snap, fields, now):
-                    return Claim.CLAIMED
-        raise StoreUnavailable(f"firestore: claim kept conflicting ({_ATTEMPTS} attempts)")
+        def decide(window: dict[str, Any] | None) -> tuple[Claim, dict[str, Any] | None]:
+            if window is None or window["state"] == WindowState.DONE:
+                return Claim.DONE, None
+            if (
+                window["state"] == WindowState.SENDING
+                and window["lease_until"] > now
+                and window["owner"] != owner
+            ):
+                return Claim.IN_FLIGHT, None
+            lease_until = now + lease_seconds
+            fields = {
+                "state": WindowState.SENDING.value,
+                "owner": owner,
+                "lease_until": lease_until,
+                "ready_at": lease_until,
+            }
+            return Claim.CLAIMED, fields
+
+        return await self._transition(window_id, now, "claim", decide)
 
     async def complete(self, window_id: str, owner: str, now: float) -> None:
-        async with operation():
-            client = await self._firestore.get()
-            ref = self._window(client, window_id)
-            for _ in range(_ATTEMPTS):
-                snap = await ref.get(**call_options())
-                window = snap.to_dict()
-                if window is None or window["state"] == WindowState.DONE:
-                    return
-                fields = {
-                    "state": WindowState.DONE.value,
-                    "owner": DELETE_FIELD,
-                    "lease_until": DELETE_FIELD,
-                    "ready_at": DELETE_FIELD,  # out of `due`'s index
-                    "pending": False,
-                    "expire_at": _timestamp(now + self.retention_seconds),
-                }
-                if await self._write_window(client, snap, fields, now):
-                    return
-        raise StoreUnavailable(f"firestore: complete kept conflicting ({_ATTEMPTS} attempts)")
+        def decide(window: dict[str, Any] | None) -> tuple[None, dict[str, Any] | None]:
+            if window is None or window["state"] == WindowState.DONE:
+                return None, None
+            fields = {
+                "state": WindowState.DONE.value,
+                "owner": DELETE_FIELD,
+                "lease_until": DELETE_FIELD,
+                "ready_at": DELETE_FIELD,  # out of `due`'s index
+                "pending": False,
+                "expire_at": _timestamp(now + self.retention_seconds),
+            }
+            return None, fields
+
+        await self._transition(window_id, now, "complete", decide)
 
     async def release(self, window_id: str, owner: str, now: float) -> None:
+        def decide(window: dict[str, Any] | None) -> tuple[None, dict[str, Any] | None]:
+            if window is None or window["state"] != WindowState.SENDING:
+                return None, None
+            if window["owner"] != owner:
+                return None, None
+            fields = {
+                "state": WindowState.RELEASED.value,
+                "owner": DELETE_FIELD,
+                "lease_until": DELETE_FIELD,
+                "ready_at": now,
+            }
+            return None, fields
+
+        await self._transition(window_id, now, "release", decide)
+
+    async def _transition(
+        self,
+        window_id: str,
+        now: float,
+        what: str,
+        decide: Callable[[dict[str, Any] | None], tuple[T, dict[str, Any] | None]],
+    ) -> T:
+        """Read the window, let `decide` say the answer and the fields to write (None: nothing
+        to write), and write them conditionally; read again when another writer came first."""
         async with operation():
             client = await self._firestore.get()
             ref = self._window(client, window_id)
             for _ in range(_ATTEMPTS):
                 snap = await ref.get(**call_options())
-                window = snap.to_dict()
-                if window is None or window["state"] != WindowState.SENDING:
-                    return
-                if window["owner"] != owner:
-                    return
-                fields = {
-                    "state": WindowState.RELEASED.value,
-                    "owner": DELETE_FIELD,
-                    "lease_until": DELETE_FIELD,
-                    "ready_at": now,
-                }
-                if await self._write_window(client, snap, fields, now):
-                    return
-        raise StoreUnavailable(f"firestore: release kept conflicting ({_ATTEMPTS} attempts)")
+                answer, fields = decide(snap.to_dict())
+                if fields is None or await self._write_window(client, snap, fields, now):
+                    return answer
+        raise StoreUnavailable(f"firestore: {what} kept conflicting ({_ATTEMPTS} attempts)")
 
     async def _write_window(
         self, client: AsyncClient, snap: Snapshot, fields: dict[str, Any], now: float
