@@ -111,7 +111,9 @@ def refuse_lone_surrogates(document: object) -> None:
         ) from None
 
 
-def object_data(data: Mapping[str, Any], where: str) -> StorageObjectData:
+def object_data(data: Mapping[str, Any], where: str, what: str | None = None) -> StorageObjectData:
+    """The object resource, or EventDecodeError listing each field that fails, named from
+    `where`; the message says `what` failed (`where` unless given)."""
     try:
         return StorageObjectData.model_validate(data)
     except ValidationError as error:
@@ -122,7 +124,7 @@ def object_data(data: Mapping[str, Any], where: str) -> StorageObjectData:
             }
             for problem in error.errors(include_url=False, include_input=False)
         ]
-        raise EventDecodeError(f"{where} failed validation", problems) from None
+        raise EventDecodeError(f"{what or where} failed validation", problems) from None
 
 
 def check_agrees(
