@@ -224,7 +224,7 @@ class Pipeline:
                     now.append(notification)
                     continue
                 held = await self._hold_for_period(
-                    entry.route, notification, event, taken.period_end, owner
+                    digests, entry.route, notification, event, taken.period_end, owner
                 )
                 if held is None:
                     continue  # it went out alone before: a redelivery
@@ -242,6 +242,7 @@ class Pipeline:
 
     async def _hold_for_period(
         self,
+        digests: Digests,
         route: str,
         notification: Notification,
         event: StorageEvent,
@@ -252,15 +253,13 @@ class Pipeline:
         (True), unless an earlier delivery of it already went out alone (None: nothing to do)
         or in part (False: send the rest now). Its keys are then marked done, so a redelivery in
         the next period does not email it alone as well."""
-        if self.digests is None:
-            raise RuntimeError("a rate route needs the digest store")
         batches = notification.split(self.notifier.max_recipients)
         claimed = await self._claim_all(batches, owner)
         if len(claimed) < len(batches):
             await self._release(claimed, owner)
             return False if claimed else None
         try:
-            await self.digests.overflow(route, event, period_end)
+            await digests.overflow(route, event, period_end)
         except BaseException:
             await self._release(claimed, owner)
             raise
