@@ -270,7 +270,7 @@ def check_store_url(value: str) -> str:
     if value == "memory":
         return value
     if value.startswith("firestore:"):
-        from app.firestore import FirestoreLocation  # parsing imports no Google library
+        from app.stores.firestore import FirestoreLocation  # parsing imports no Google library
 
         FirestoreLocation.parse(value)
         return value

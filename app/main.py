@@ -31,8 +31,8 @@ from app.preflight import check
 from app.runtime import Runtime
 
 if TYPE_CHECKING:
-    from app.delivery.store import IdempotencyStore
     from app.notify.base import Notifier
+    from app.stores.claims import IdempotencyStore
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ def dead_letters(directory: Path) -> list[Path]:
 
 
 def is_digest(path: Path) -> bool:
-    """A dead-lettered digest (app.digests.flush.DigestDeadLetterFolder), not an event."""
+    """A dead-lettered digest (app.delivery.digests.DigestDeadLetterFolder), not an event."""
     try:
         document = json.loads(path.read_bytes())
     except ValueError:

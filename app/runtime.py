@@ -38,14 +38,14 @@ from app.config import Settings
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from app.delivery.digests import Digests
     from app.delivery.pipeline import Pipeline
-    from app.delivery.store import IdempotencyStore
-    from app.digests.flush import DigestRoute, Digests
-    from app.digests.store import DigestStore
     from app.notify.base import Notifier
     from app.outbox_view.feed import OutboxFeed
-    from app.rules.base import Router
+    from app.rules.base import DigestRoute, Router
     from app.security.tokens import TokenVerifier
+    from app.stores.claims import IdempotencyStore
+    from app.stores.windows import DigestStore
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ class Runtime:
         return (await self.pipeline()).digests
 
     async def _flush_every_tick(self, digests: Digests, seconds: float) -> None:
-        from app.delivery.store import StoreUnavailable
+        from app.stores.base import StoreUnavailable
 
         while True:
             await asyncio.sleep(seconds)
@@ -285,8 +285,8 @@ class Runtime:
     def _build_pipeline(self, router: Router | None) -> Pipeline:
         from app.delivery.deadletter import DeadLetterBox
         from app.delivery.pipeline import Pipeline
-        from app.delivery.store import open_store
         from app.rules.default import DefaultRouter
+        from app.stores.factory import open_store
 
         settings = self.settings
         store = self._store
@@ -316,8 +316,8 @@ class Runtime:
         return pipeline
 
     def _build_digests(self, routes: Mapping[str, DigestRoute], notifier: Notifier) -> Digests:
-        from app.digests.flush import DigestDeadLetterFolder, Digests
-        from app.digests.store import open_digest_store
+        from app.delivery.digests import DigestDeadLetterFolder, Digests
+        from app.stores.factory import open_digest_store
 
         settings = self.settings
         store = self._digest_store

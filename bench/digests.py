@@ -250,9 +250,10 @@ def _listed(text: str, events: list[Any]) -> list[int]:
 async def _burst(fake_url: str, api_key: str, events: int, directory: Path) -> Burst:
     from pydantic import SecretStr
 
-    from app.digests.flush import DigestRoute, Digests
-    from app.digests.sqlite_store import SqliteDigestStore
+    from app.delivery.digests import Digests
     from app.notify.sendgrid import SendGridNotifier
+    from app.rules.base import DigestRoute
+    from app.stores.sqlite_windows import SqliteDigestStore
 
     clock = [datetime(2026, 1, 5, 9, 0, tzinfo=UTC).timestamp()]
     notifier = _Capturing(SendGridNotifier(api_key=SecretStr(api_key), host=fake_url, timeout=30))
@@ -341,10 +342,11 @@ async def _burst(fake_url: str, api_key: str, events: int, directory: Path) -> B
 
 async def _store_work(events: int, directory: Path, rounds: int = 10) -> StoreWork:
     """Median microseconds per event of each store's work, the two taking turns by rounds."""
-    from app.delivery.sqlite_store import SqliteStore
-    from app.digests.flush import DigestRoute, Digests
-    from app.digests.sqlite_store import SqliteDigestStore
+    from app.delivery.digests import Digests
     from app.notify.outbox import OutboxNotifier
+    from app.rules.base import DigestRoute
+    from app.stores.sqlite_claims import SqliteStore
+    from app.stores.sqlite_windows import SqliteDigestStore
 
     per_round = max(1, events // rounds)
     batch = _events(ROUTE, per_round * rounds, datetime(2026, 1, 6, tzinfo=UTC))

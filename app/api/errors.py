@@ -19,11 +19,12 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from app.delivery.store import InFlight, StoreUnavailable
+from app.delivery.errors import InFlight
 from app.events.errors import EventDecodeError
 from app.notify.errors import TransientDeliveryError
 from app.rules.errors import RulesUnavailable
 from app.security.errors import CertificatesUnavailable, EventAuthError, Forbidden
+from app.stores.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
 

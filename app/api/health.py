@@ -8,9 +8,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from app.api.errors import problem
-from app.delivery.store import StoreUnavailable
 from app.rules.errors import RulesUnavailable
 from app.runtime import Runtime
+from app.stores.base import StoreUnavailable
 
 router = APIRouter()
 

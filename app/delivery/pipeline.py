@@ -9,7 +9,7 @@ dead-lettered.
 
 A route with a `digest` or a `rate` may hold the event back instead (`Deferred`, issue 11): it
 joins the route's digest window in the digest store, durably, before the event is answered 2xx,
-and the flush (app.digests.flush) sends the window as one email.
+and the flush (app.delivery.digests) sends the window as one email.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.config import DONE_RETENTION_SECONDS
 from app.delivery.deadletter import DeadLetterBox
-from app.delivery.store import Claim, IdempotencyStore, InFlight, StoreUnavailable
+from app.delivery.errors import InFlight
 from app.events.decode import decode_event
 from app.events.models import StorageEvent, UnhandledEvent
 from app.notify.base import (
@@ -36,9 +36,11 @@ from app.notify.base import (
     TransientDeliveryError,
 )
 from app.rules.base import Routed, Router, Unrouted
+from app.stores.base import Claim, StoreUnavailable
+from app.stores.claims import IdempotencyStore
 
 if TYPE_CHECKING:
-    from app.digests.flush import Digests
+    from app.delivery.digests import Digests
 
 log = logging.getLogger(__name__)
 

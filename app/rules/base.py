@@ -12,17 +12,46 @@ from typing import TYPE_CHECKING, Protocol
 
 from app.rules.errors import RulesUnavailable
 
-__all__ = ["Deferred", "Routed", "Router", "RulesUnavailable", "Unrouted"]
+__all__ = [
+    "Deferred",
+    "DigestRoute",
+    "RateLimit",
+    "Routed",
+    "Router",
+    "RulesUnavailable",
+    "Unrouted",
+]
 
 if TYPE_CHECKING:  # the app imports this module at start-up; the event models load lazily
-    from app.digests.flush import DigestRoute
     from app.events.models import StorageEvent
     from app.notify.base import Notification
+    from app.rules.templates import DigestTemplates
 
 
 class Unrouted(StrEnum):
     NO_ROUTE = "no route matched"
     DROPPED = "dropped by a route"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    max: int  # emails per period
+    per_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class DigestRoute:
+    """A route whose events may wait for a digest: a `digest` route (`rate` None: windows of
+    `window_seconds`, the first event after a quiet spell alone when `leading`) or a `rate`
+    route (its overflow waits until the period ends)."""
+
+    name: str
+    recipients: tuple[str, ...]
+    window_seconds: float
+    max_items: int
+    leading: bool = False
+    rate: RateLimit | None = None
+    templates: DigestTemplates | None = None  # the route's own subject/text/html for digests
 
 
 @dataclass(frozen=True, slots=True)

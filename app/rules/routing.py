@@ -19,11 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.digests.flush import DigestRoute, RateLimit
 from app.events.models import StorageEvent
 from app.notify.base import Notification
 from app.notify.render import VERBS, Rendered, render
-from app.rules.base import Deferred, Routed, Unrouted
+from app.rules.base import Deferred, DigestRoute, RateLimit, Routed, Unrouted
 from app.rules.match import Matcher, describe
 from app.rules.model import RouteSpec, Rules, RulesError, load_rules
 from app.rules.templates import (

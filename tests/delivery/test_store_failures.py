@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.delivery.memory_store import MemoryStore
-from app.delivery.store import Claim, StoreUnavailable
+from app.stores.base import Claim, StoreUnavailable
+from app.stores.memory import MemoryStore
 from tests.conftest import outbox_settings
 from tests.factories import EVENTARC_PATH, binary, object_data
 from tests.fakes.sendgrid import FakeSendGrid, Reply

@@ -18,8 +18,8 @@ from typing import Any
 from google.api_core.exceptions import AlreadyExists, FailedPrecondition, NotFound
 from google.cloud.firestore import AsyncClient, AsyncDocumentReference, DocumentSnapshot
 
-from app.delivery.store import Claim
-from app.firestore import (
+from app.stores.base import Claim
+from app.stores.firestore import (
     FirestoreClient,
     FirestoreLocation,
     call_options,

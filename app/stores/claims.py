@@ -11,22 +11,9 @@ instance for `redis`.
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Protocol
 
-
-class Claim(StrEnum):
-    CLAIMED = "claimed"  # this caller owns the send
-    IN_FLIGHT = "in-flight"  # another caller is sending it now
-    DONE = "done"  # already sent
-
-
-class InFlight(Exception):
-    """Another delivery of the same change is sending right now: answer 409, Eventarc retries."""
-
-
-class StoreUnavailable(Exception):
-    """The store could not be read or written; the delivery must be retried later."""
+from app.stores.base import Claim
 
 
 class IdempotencyStore(Protocol):
@@ -45,25 +32,3 @@ class IdempotencyStore(Protocol):
         ...
 
     async def aclose(self) -> None: ...
-
-
-def open_store(url: str) -> IdempotencyStore:
-    """`memory`, `sqlite:///PATH`, `redis://HOST:PORT/DB` or `firestore://[PROJECT]/DATABASE`
-    (backends imported only when used)."""
-    if url == "memory":
-        from app.delivery.memory_store import MemoryStore
-
-        return MemoryStore()
-    if url.startswith("sqlite:///"):
-        from app.delivery.sqlite_store import SqliteStore
-
-        return SqliteStore.open(url.removeprefix("sqlite:///"))
-    if url.startswith(("redis://", "rediss://")):
-        from app.delivery.redis_store import RedisStore
-
-        return RedisStore.from_url(url)
-    if url.startswith("firestore://"):
-        from app.delivery.firestore_store import FirestoreStore
-
-        return FirestoreStore.from_url(url)
-    raise ValueError(f"unknown idempotency store URL scheme: {url.split(':', 1)[0]!r}")

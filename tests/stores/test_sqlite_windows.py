@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from app.delivery.sqlite_store import SqliteStore
-from app.delivery.store import Claim
-from app.digests.memory_store import MemoryDigestStore
-from app.digests.redis_store import RedisDigestStore
-from app.digests.sqlite_store import SqliteDigestStore
-from app.digests.store import StoreUnavailable, Taken, open_digest_store
 from app.digests.window import DigestSummary
-from tests.digests.test_stores import NOW, item
+from app.stores.base import Claim, StoreUnavailable
+from app.stores.factory import open_digest_store
+from app.stores.memory import MemoryDigestStore
+from app.stores.redis_windows import RedisDigestStore
+from app.stores.sqlite_claims import SqliteStore
+from app.stores.sqlite_windows import SqliteDigestStore
+from app.stores.windows import Taken
+from tests.stores.test_windows import NOW, item
 
 ROOT = Path(__file__).parents[2]
 
@@ -122,8 +123,8 @@ def test_the_idempotency_store_and_the_digest_store_share_one_file(tmp_path: Pat
 
 _KILLED_TAKER = """
 import asyncio, os, signal, sys
-from tests.digests.test_stores import NOW, item
-from app.digests.sqlite_store import SqliteDigestStore
+from tests.stores.test_windows import NOW, item
+from app.stores.sqlite_windows import SqliteDigestStore
 
 async def main() -> None:
     store = SqliteDigestStore.open(sys.argv[1])
@@ -226,8 +227,8 @@ def test_open_digest_store_reports_a_file_it_cannot_open(tmp_path: Path) -> None
 
 def test_backends_are_imported_only_when_used() -> None:
     probe = (
-        "import sys, app.digests.store as s; "
-        "print(sorted(m for m in sys.modules if m.endswith('_store') or m == 'redis'))"
+        "import sys, app.stores.factory; "
+        "print(sorted(m for m in sys.modules if m.startswith(('app.stores.', 'redis', 'google'))))"
     )
     loaded = subprocess.run(
         [sys.executable, "-c", probe],
@@ -237,6 +238,8 @@ def test_backends_are_imported_only_when_used() -> None:
         check=True,
         text=True,
     ).stdout
-    assert "app.digests.redis_store" not in loaded
-    assert "app.digests.sqlite_store" not in loaded
-    assert "'redis'" not in loaded
+    assert "app.stores.factory" in loaded
+    for backend in ("memory", "sqlite", "redis_windows", "redis_claims", "firestore_windows"):
+        assert f"app.stores.{backend}'" not in loaded
+    assert "'redis" not in loaded
+    assert "'google" not in loaded

@@ -22,7 +22,7 @@ A route with a digest has at most one OPEN window at a time. Each window moves
 `take` counts a `rate` route's emails in periods: the first email after a period ended starts
 the next one, and an email over the limit is not allowed (the caller adds it to a digest).
 
-The idempotency claims of single emails are a separate Protocol (app.delivery.store); the two
+The idempotency claims of single emails are a separate Protocol (app.stores.claims); the two
 share `Claim` and `StoreUnavailable`. Key hashing and retention live here, once, for every
 backend. Every method takes `now` (seconds since the epoch) from the caller, so one clock decides
 and tests can move it.
@@ -36,8 +36,8 @@ from enum import StrEnum
 from typing import Protocol
 
 from app.config import DONE_RETENTION_SECONDS
-from app.delivery.store import Claim, StoreUnavailable
 from app.digests.window import DigestItem, DigestSummary
+from app.stores.base import Claim, StoreUnavailable
 
 __all__ = [
     "RETENTION_SECONDS",
@@ -51,7 +51,6 @@ __all__ = [
     "WindowInfo",
     "WindowState",
     "change_digest",
-    "open_digest_store",
     "window_id",
 ]
 
@@ -168,31 +167,6 @@ class DigestStore(Protocol):
         ...
 
     async def aclose(self) -> None: ...
-
-
-def open_digest_store(url: str) -> DigestStore:
-    """`memory`, `sqlite:///PATH`, `redis://...`/`rediss://...` or `firestore://...`, as the
-    idempotency store's URL (app.delivery.store.open_store): a SQLite digest store shares the
-    idempotency store's file, in its own tables over its own connection. Backends are imported
-    only when used; StoreUnavailable if the SQLite file cannot be opened, ValueError for another
-    scheme."""
-    if url == "memory":
-        from app.digests.memory_store import MemoryDigestStore
-
-        return MemoryDigestStore()
-    if url.startswith("sqlite:///"):
-        from app.digests.sqlite_store import SqliteDigestStore
-
-        return SqliteDigestStore.open(url.removeprefix("sqlite:///"))
-    if url.startswith(("redis://", "rediss://")):
-        from app.digests.redis_store import RedisDigestStore
-
-        return RedisDigestStore.from_url(url)
-    if url.startswith("firestore://"):
-        from app.digests.firestore_store import FirestoreDigestStore
-
-        return FirestoreDigestStore.from_url(url)
-    raise ValueError(f"unknown digest store URL scheme: {url.split(':', 1)[0]!r}")
 
 
 def check_rate(limit: int, per_seconds: float) -> None:

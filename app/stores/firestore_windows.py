@@ -42,7 +42,7 @@ events EVENT_KEEP_SECONDS after their window was due plus the retention (set whe
 written, because rewriting thousands of events when their window is sent would cost as many
 writes as the events did). Route documents are one per digest route and stay.
 
-Every operation is bounded in time (app.firestore.operation) and Firestore's failures are
+Every operation is bounded in time (app.stores.firestore.operation) and Firestore's failures are
 StoreUnavailable: the event is answered 503 and delivered again.
 """
 
@@ -64,24 +64,9 @@ from google.cloud.firestore import (
 )
 from google.cloud.firestore_v1.base_query import FieldFilter
 
-from app.digests.store import (
-    RETENTION_SECONDS,
-    Added,
-    Claim,
-    DigestWindow,
-    StoreUnavailable,
-    Taken,
-    UnknownWindow,
-    WindowInfo,
-    WindowState,
-    change_digest,
-    check_rate,
-    leads,
-    next_opened_ms,
-    window_id,
-)
 from app.digests.window import DigestItem, DigestSummary
-from app.firestore import (
+from app.stores.base import Claim, StoreUnavailable
+from app.stores.firestore import (
     WINDOW_READ_SECONDS,
     FirestoreClient,
     FirestoreLocation,
@@ -93,6 +78,20 @@ from app.firestore import (
     digest_windows_collection,
     document_id,
     operation,
+)
+from app.stores.windows import (
+    RETENTION_SECONDS,
+    Added,
+    DigestWindow,
+    Taken,
+    UnknownWindow,
+    WindowInfo,
+    WindowState,
+    change_digest,
+    check_rate,
+    leads,
+    next_opened_ms,
+    window_id,
 )
 
 Snapshot = DocumentSnapshot[AsyncDocumentReference]

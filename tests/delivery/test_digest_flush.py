@@ -14,21 +14,17 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from app.digests.flush import (
-    DigestDeadLetterFolder,
-    DigestRoute,
-    Digests,
-    FlushResult,
-    RateLimit,
-)
-from app.digests.memory_store import MemoryDigestStore
-from app.digests.sqlite_store import SqliteDigestStore
-from app.digests.store import Added, Claim, DigestStore, DigestWindow, Taken, WindowInfo
+from app.delivery.digests import DigestDeadLetterFolder, Digests, FlushResult
 from app.digests.window import DigestItem
 from app.events.models import EventType, StorageEvent, StorageObjectData
 from app.notify.base import Notifier
 from app.notify.outbox import OutboxNotifier
 from app.notify.sendgrid import SendGridNotifier
+from app.rules.base import DigestRoute, RateLimit
+from app.stores.base import Claim
+from app.stores.memory import MemoryDigestStore
+from app.stores.sqlite_windows import SqliteDigestStore
+from app.stores.windows import Added, DigestStore, DigestWindow, Taken, WindowInfo
 from tests.fakes.sendgrid import FakeSendGrid, Reply
 
 NOW = 1_730_000_000.0

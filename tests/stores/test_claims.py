@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from app.delivery.store import Claim, IdempotencyStore, StoreUnavailable, open_store
-from app.firestore import FirestoreLocation
+from app.stores.base import Claim, StoreUnavailable
+from app.stores.claims import IdempotencyStore
+from app.stores.factory import open_store
+from app.stores.firestore import FirestoreLocation
 from tests.redis_server import redis_server
 
 pytest_plugins = ["tests.firestore_emulator"]
@@ -172,7 +174,7 @@ def test_unreachable_redis_raises_store_unavailable() -> None:
 
 
 def test_firestore_urls_open_the_firestore_store_without_a_call() -> None:
-    from app.delivery.firestore_store import FirestoreStore
+    from app.stores.firestore_claims import FirestoreStore
 
     store = open_store("firestore:///gcs-notifier?prefix=p")  # no client yet, so no credentials
     assert isinstance(store, FirestoreStore)
@@ -187,7 +189,7 @@ def test_unknown_store_url_is_refused() -> None:
 
 
 def test_sqlite_maintenance_purges_expired_records_and_keeps_live_ones(tmp_path: Path) -> None:
-    from app.delivery.sqlite_store import SqliteStore
+    from app.stores.sqlite_claims import SqliteStore
 
     async def scenario() -> None:
         store = SqliteStore(str(tmp_path / "notifier.db"))
@@ -209,7 +211,7 @@ def test_sqlite_maintenance_purges_expired_records_and_keeps_live_ones(tmp_path:
 def test_sqlite_writes_trigger_background_maintenance(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.delivery import sqlite_store
+    from app.stores import sqlite_claims as sqlite_store
 
     monkeypatch.setattr(sqlite_store, "MAINTAIN_EVERY", 10)
     wal = tmp_path / "notifier.db-wal"

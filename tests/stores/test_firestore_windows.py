@@ -1,4 +1,4 @@
-"""What the Firestore digest store promises beyond the contract suite (tests/digests/test_stores.py
+"""What the Firestore digest store promises beyond the contract suite (tests/stores/test_windows.py
 runs that against the emulator too): the closing race settled by commit times, many instances
 adding to one route at once, recovery from a crash between steps, `expire_at` for Firestore's TTL
 policy, and a bounded wait for an endpoint that does not answer."""
@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 from google.cloud.firestore import AsyncClient, AsyncDocumentReference
 
-from app.digests.firestore_store import EVENT_KEEP_SECONDS, FirestoreDigestStore
-from app.digests.store import Claim, StoreUnavailable, WindowState, change_digest
-from app.firestore import (
+from app.stores.base import Claim, StoreUnavailable
+from app.stores.firestore import (
     OPERATION_SECONDS,
     FirestoreClient,
     FirestoreLocation,
@@ -27,8 +26,10 @@ from app.firestore import (
     digest_windows_collection,
     document_id,
 )
-from tests.digests.test_stores import NOW, item
+from app.stores.firestore_windows import EVENT_KEEP_SECONDS, FirestoreDigestStore
+from app.stores.windows import WindowState, change_digest
 from tests.servers import free_port
+from tests.stores.test_windows import NOW, item
 
 pytest_plugins = ["tests.firestore_emulator"]
 

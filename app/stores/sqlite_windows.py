@@ -16,7 +16,7 @@ deduplication until the retention ends) and `digest_rates` (each rate route's cu
 one row per route, so nothing to purge). A file written before `digest_windows.leading_key`
 existed gains the column when it is opened.
 Purging expired rows and WAL checkpoints run in a worker thread on a second connection, as in
-app.delivery.sqlite_store.
+app.stores.sqlite_claims.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from app.delivery.sqlite_store import close, connect
-from app.digests.store import (
+from app.digests.window import DigestItem, DigestSummary
+from app.stores.base import Claim, StoreUnavailable
+from app.stores.sqlite import close, connect
+from app.stores.windows import (
     RETENTION_SECONDS,
     Added,
-    Claim,
     DigestWindow,
-    StoreUnavailable,
     Taken,
     UnknownWindow,
     WindowInfo,
@@ -45,7 +45,6 @@ from app.digests.store import (
     next_opened_ms,
     window_id,
 )
-from app.digests.window import DigestItem, DigestSummary
 
 log = logging.getLogger(__name__)
 

@@ -17,14 +17,15 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from app.digests.firestore_store import FirestoreDigestStore
-from app.digests.memory_store import MemoryDigestStore
-from app.digests.redis_store import PREFIX, RedisDigestStore
-from app.digests.sqlite_store import SqliteDigestStore
-from app.digests.store import Added, Claim, DigestStore, Taken, UnknownWindow, WindowState
 from app.digests.window import DigestItem, DigestSummary
 from app.events.models import EventType
-from app.firestore import FirestoreLocation
+from app.stores.base import Claim
+from app.stores.firestore import FirestoreLocation
+from app.stores.firestore_windows import FirestoreDigestStore
+from app.stores.memory import MemoryDigestStore
+from app.stores.redis_windows import PREFIX, RedisDigestStore
+from app.stores.sqlite_windows import SqliteDigestStore
+from app.stores.windows import Added, DigestStore, Taken, UnknownWindow, WindowState
 from tests.redis_server import redis_server
 
 pytest_plugins = ["tests.firestore_emulator"]
@@ -364,8 +365,8 @@ def test_a_redis_window_is_shared_by_a_new_client(tmp_path: Path) -> None:
 
 _KILLED_WRITER = """
 import asyncio, os, signal, sys
-from tests.digests.test_stores import NOW, item
-from app.digests.sqlite_store import SqliteDigestStore
+from tests.stores.test_windows import NOW, item
+from app.stores.sqlite_windows import SqliteDigestStore
 
 async def main() -> None:
     store = SqliteDigestStore.open(sys.argv[1])

@@ -11,7 +11,7 @@ import hashlib
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.delivery.store import Claim, StoreUnavailable
+from app.stores.base import Claim, StoreUnavailable
 
 _PREFIX = "gcs-notifier:delivery:"
 _DONE = "done"

@@ -36,8 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from app.digests.render import render_digest
-from app.digests.store import Added, Claim, DigestStore, DigestWindow, Taken
-from app.digests.window import DigestItem, DigestSummary
+from app.digests.window import DigestItem
 from app.events.models import StorageEvent
 from app.files import write_json
 from app.notify.base import (
@@ -46,35 +45,12 @@ from app.notify.base import (
     RejectedDeliveryError,
     TransientDeliveryError,
 )
-from app.notify.render import Rendered
+from app.rules.base import DigestRoute
 from app.rules.templates import with_footer
+from app.stores.base import Claim
+from app.stores.windows import Added, DigestStore, DigestWindow, Taken
 
 log = logging.getLogger(__name__)
-
-
-class DigestTemplates(Protocol):
-    def render(self, summary: DigestSummary, route: str, default: Rendered) -> Rendered: ...
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimit:
-    max: int  # emails per period
-    per_seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class DigestRoute:
-    """A route whose events may wait for a digest: a `digest` route (`rate` None: windows of
-    `window_seconds`, the first event after a quiet spell alone when `leading`) or a `rate`
-    route (its overflow waits until the period ends)."""
-
-    name: str
-    recipients: tuple[str, ...]
-    window_seconds: float
-    max_items: int
-    leading: bool = False
-    rate: RateLimit | None = None
-    templates: DigestTemplates | None = None  # the route's own subject/text/html for digests
 
 
 @dataclass(frozen=True, slots=True)

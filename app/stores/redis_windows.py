@@ -38,12 +38,13 @@ from datetime import UTC, datetime, timedelta
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.digests.store import (
+from app.digests.window import MAX_BUCKETS, DigestItem, DigestSummary
+from app.events.models import EventType
+from app.stores.base import Claim, StoreUnavailable
+from app.stores.windows import (
     RETENTION_SECONDS,
     Added,
-    Claim,
     DigestWindow,
-    StoreUnavailable,
     Taken,
     UnknownWindow,
     WindowInfo,
@@ -51,8 +52,6 @@ from app.digests.store import (
     change_digest,
     check_rate,
 )
-from app.digests.window import MAX_BUCKETS, DigestItem, DigestSummary
-from app.events.models import EventType
 
 PREFIX = "gcs-notifier:digest:"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

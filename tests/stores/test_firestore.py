@@ -1,4 +1,4 @@
-"""app/firestore.py without a server: the store URL, collection names, and how failures read."""
+"""app/stores/firestore.py without a server: the store URL, collection names, and how failures read."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from google.api_core import exceptions
 from google.auth.exceptions import RefreshError
 
-from app.delivery.store import StoreUnavailable
-from app.firestore import (
+from app.stores.base import StoreUnavailable
+from app.stores.firestore import (
     CALL_SECONDS,
     FirestoreLocation,
     call_options,
@@ -30,7 +30,7 @@ from app.firestore import (
     unavailable_on_error,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def error(kind: type[Exception], *args: object) -> Exception:
@@ -131,7 +131,7 @@ def test_parsing_a_url_loads_none_of_googles_libraries() -> None:
     """Settings validate the URL at start-up, and cold start is measured."""
     probe = (
         "import sys\n"
-        "from app.firestore import FirestoreLocation\n"
+        "from app.stores.firestore import FirestoreLocation\n"
         "FirestoreLocation.parse('firestore://my-project/gcs-notifier?prefix=x')\n"
         "print(sorted(name for name in sys.modules if name.split('.')[0] in ('google', 'grpc')))"
     )
@@ -202,9 +202,9 @@ def test_other_errors_pass_through_as_bugs() -> None:
 
 
 def test_an_operation_that_takes_too_long_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    import app.firestore
+    import app.stores.firestore
 
-    monkeypatch.setattr(app.firestore, "OPERATION_SECONDS", 0.05)
+    monkeypatch.setattr(app.stores.firestore, "OPERATION_SECONDS", 0.05)
 
     async def scenario() -> None:
         with pytest.raises(StoreUnavailable, match=r"^firestore: no answer within 0\.05 s$"):

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from google.cloud.firestore import AsyncCollectionReference
 
-from app.delivery.firestore_store import FirestoreStore
-from app.delivery.store import Claim, StoreUnavailable
-from app.firestore import FirestoreClient, FirestoreLocation, claims_collection, document_id
+from app.stores.base import Claim, StoreUnavailable
+from app.stores.firestore import FirestoreClient, FirestoreLocation, claims_collection, document_id
+from app.stores.firestore_claims import FirestoreStore
 from tests.servers import free_port
 
 pytest_plugins = ["tests.firestore_emulator"]

@@ -22,7 +22,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from app.delivery.store import StoreUnavailable
+from app.stores.base import StoreUnavailable
 
 if TYPE_CHECKING:
     from google.cloud.firestore import AsyncClient
