@@ -1,4 +1,4 @@
-"""app/stores/firestore.py without a server: the store URL, collection names, and how failures read."""
+"""app/stores/firestore.py without a server: the store URL, collection names, how failures read."""
 
 from __future__ import annotations
 
