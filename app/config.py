@@ -23,6 +23,8 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.durations import duration_text, parse_duration
+
 # Deliberately simple: SendGrid validates addresses itself; this only catches typos and header
 # injection (no whitespace or control characters can pass).
 _ADDRESS = re.compile(r"^[^@\s\x00-\x1f\x7f<>,;\"]+@[^@\s\x00-\x1f\x7f<>,;\"]+$")
@@ -34,7 +36,15 @@ MAX_EVENT_BYTES = 512 * 1024  # Eventarc's maximum event size.
 # a key pasted with a trailing newline must stop start-up, not end a request head early.
 _HEADER_SAFE = re.compile(r"^[\x21-\x7e]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-DONE_RETENTION_SECONDS = 25 * 3600  # longer than Eventarc's 24 hours of redelivery
+# Done marks, digest deduplication and window records are kept this long (DEDUPE_RETENTION): a
+# day more than the 7 days a change may come back, from Pub/Sub's retention or a dead-letter
+# replay; never less than Eventarc's 24 hours of redelivery and an hour.
+DEDUPE_RETENTION_SECONDS = 8 * 86400
+MIN_DEDUPE_RETENTION_SECONDS = 25 * 3600
+# A claim's lease covers one send (SENDGRID_TIMEOUT) begun right after the claim was checked, and
+# this much more: the done mark's round trip and the clocks of two instances.
+LEASE_MARGIN_SECONDS = 5.0
+OUTBOX_SEND_SECONDS = 5.0  # the longest the outbox notifier takes to write one notification
 
 
 def _split_commas(value: object) -> object:
@@ -85,6 +95,11 @@ class Settings(BaseSettings):
     # How often the in-process timer sends due digest windows; 0: never (POST /digests/flush and
     # SIGTERM only, as on Cloud Run with CPU throttled between requests).
     digest_flush_seconds: float = Field(default=1.0, ge=0, le=3600)
+    # One flush stops claiming windows after this long (Cloud Scheduler gives an attempt 30 s,
+    # Cloud Run a request 60 s) and leaves the rest for the next one.
+    digest_flush_budget_seconds: float = Field(default=20.0, gt=0, le=3600)
+    # How long done marks, digest deduplication and sent windows are remembered: "8d", "36h".
+    dedupe_retention: float = DEDUPE_RETENTION_SECONDS
     dead_letter_dir: Path = Path("dead-letter")
 
     # oidc: the service checks Google's signature itself (a public service). iam: Cloud Run IAM
@@ -151,6 +166,20 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) base URL such as https://api.sendgrid.com")
         # A trailing slash would make the client call //v3/mail/send, which SendGrid 404s.
         return value.rstrip("/")
+
+    @field_validator("dedupe_retention", mode="before")
+    @classmethod
+    def _retention(cls, value: object) -> object:
+        if isinstance(value, float):
+            return value
+        seconds = parse_duration(value)
+        if seconds < MIN_DEDUPE_RETENTION_SECONDS:
+            raise ValueError(
+                f"{duration_text(seconds)} is shorter than Eventarc's 24 hours of redelivery;"
+                f" write {duration_text(MIN_DEDUPE_RETENTION_SECONDS)} or more (default"
+                f" {duration_text(DEDUPE_RETENTION_SECONDS)}: 7 days of replay, plus a day)"
+            )
+        return float(seconds)
 
     @field_validator("idempotency_store")
     @classmethod
@@ -248,12 +277,35 @@ def _between_fields(settings: Any, failed: set[str]) -> list[str]:
         ]
         if missing:
             problems.append(f"NOTIFIER=sendgrid requires {', '.join(missing)}")
+    lease = _number(settings.claim_lease_seconds)
+    if notifier == "sendgrid":
+        send, bound = _number(settings.sendgrid_timeout), "SENDGRID_TIMEOUT"
+    else:
+        send, bound = OUTBOX_SEND_SECONDS, "the outbox's write bound"
+    if failed & {"claim_lease_seconds", "sendgrid_timeout", "notifier"}:
+        lease = None  # reported already
+    if lease is not None and send is not None and lease < send + LEASE_MARGIN_SECONDS:
+        problems.append(
+            f"CLAIM_LEASE_SECONDS ({lease:g}) must be at least {bound} ({send:g})"
+            f" + {LEASE_MARGIN_SECONDS:g}: a send must end inside its claim's lease, or another"
+            " instance may send the same email again"
+        )
     auth = settings.event_auth
     if auth in ("oidc", "iam") and "event_invokers" not in failed and not settings.event_invokers:
         problems.append(
             f"EVENT_AUTH={auth} requires EVENT_INVOKERS (the trigger's service account email)"
         )
     return problems
+
+
+def _number(value: object) -> float | None:
+    """A setting's number, or None when it is missing or failed its own check."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def _as_errors(problems: list[str]) -> list[InitErrorDetails]:

@@ -14,8 +14,15 @@ slowed by the load. Events and /healthz wait for the load; a bad file answers bo
 
 When the rules have `digest` or `rate` routes, the event path is opened as soon as they load, and
 a timer flushes due digest windows every DIGEST_FLUSH_SECONDS (1 s): a restarted service sends
-the windows it left pending without waiting for an event. At SIGTERM the timer stops and one last
-flush sends the windows already due, within the grace period; the rest stay in the store.
+the windows it left pending without waiting for an event. On Cloud Run with CPU only during
+requests the timer cannot keep time (a flush frozen between requests would wake with its claims
+expired), so Terraform and Cloud Build turn it off there and Cloud Scheduler calls
+POST /digests/flush; a WARNING says so when it is on under K_SERVICE. At SIGTERM the timer stops:
+a flush it has under way is awaited, never cut mid-send, and one last flush sends the windows
+already due whose send fits in the grace period; the rest stay in the store.
+
+Ready means able to deliver: /healthz (Cloud Run's start-up probe) opens the store on its first
+call and checks it with a bounded call (READY_SECONDS), which also warms its connection.
 
 With the outbox view on (app/outbox_view), the outbox notifier tells its feed of each file it
 writes, and SIGTERM ends the view's live streams at once, so open pages do not hold up the
@@ -51,6 +58,7 @@ log = logging.getLogger(__name__)
 
 LOAD_SWITCH_INTERVAL = 0.0005  # seconds; sys.getswitchinterval() is 0.005 by default
 RULES_LOAD_DELAY = 0.05  # seconds after start-up, unless something needs the rules sooner
+READY_SECONDS = 5.0  # how long /healthz waits for the store to answer
 
 
 def make_notifier(settings: Settings, outbox_feed: OutboxFeed | None = None) -> Notifier:
@@ -133,7 +141,9 @@ class Runtime:
         self._store = store
         self._digest_store = digest_store
         self._flush_timer: asyncio.Task[None] | None = None
+        self._timer_flush: asyncio.Task[object] | None = None  # the timer's flush under way
         self._last_flush: asyncio.Task[object] | None = None
+        self._stop_by: float | None = None  # SIGTERM's deadline, event loop time
         self._on_loaded = on_loaded
         self._on_fatal = on_fatal
         self._rules: asyncio.Task[Router] | None = None
@@ -235,11 +245,31 @@ class Runtime:
     async def check_ready(self) -> None:
         """Wait for the rules file to load (RulesUnavailable if it is bad: a start-up probe that
         answered 503 while a good file was loading would come back only after its period, 10 s
-        by default), then raise StoreUnavailable when the open store cannot be reached (a store
-        not opened yet, before the first event, has nothing to report)."""
+        by default), then open the store if it is not open yet and check it can be reached
+        within READY_SECONDS: StoreUnavailable otherwise. A revision whose store cannot be
+        reached never passes its start-up probe, and the first event does not pay for the
+        store's connection."""
         await self.router()
-        if self._pipeline is not None:
-            await self._pipeline.store.ping()
+        from app.stores.base import StoreUnavailable
+
+        store = self.store()
+        try:
+            async with asyncio.timeout(READY_SECONDS):
+                await store.ping()
+        except TimeoutError:
+            raise StoreUnavailable(f"no answer within {READY_SECONDS:g} s") from None
+
+    def store(self) -> IdempotencyStore:
+        """The idempotency store, opened on first use (StoreUnavailable if it cannot be)."""
+        if self._store is None:
+            from app.stores.factory import open_store
+
+            settings = self.settings
+            self._store = open_store(
+                settings.idempotency_store, retention_seconds=settings.dedupe_retention
+            )
+            self._owned.push_async_callback(self._store.aclose)
+        return self._store
 
     def shutting_down(self, grace_seconds: float) -> None:
         """SIGTERM arrived: sends in flight must end within `grace_seconds`. Safe to call from
@@ -254,15 +284,23 @@ class Runtime:
             self._outbox_feed.close()  # open /outbox pages must not hold up the shutdown
         if self._pipeline is None or self._loop is None:
             return
-        self._pipeline.drain(self._loop.time() + grace_seconds)
+        deadline = self._loop.time() + grace_seconds
+        self._stop_by = deadline
+        self._pipeline.drain(deadline)
         digests = self._pipeline.digests
         if self._flush_timer is not None:
-            self._flush_timer.cancel()
+            self._flush_timer.cancel()  # between flushes, or waiting for one (shielded)
         if digests is not None and self._last_flush is None:
-            # The windows already due go out if the shutdown allows; the rest stay pending.
-            self._last_flush = self._loop.create_task(
-                asyncio.wait_for(digests.flush(), grace_seconds)
-            )
+            digests.shutting_down(deadline)
+            self._last_flush = self._loop.create_task(self._last_flush_of(digests))
+
+    async def _last_flush_of(self, digests: Digests) -> object:
+        """The timer's flush under way ends (never cut mid-send: it only stops claiming
+        windows), then the windows already due go out if their sends fit before SIGKILL; the
+        rest stay pending."""
+        if self._timer_flush is not None and not self._timer_flush.done():
+            await asyncio.wait({self._timer_flush})
+        return await digests.flush(count_pending=False)
 
     async def digests(self) -> Digests | None:
         """The digest routes' windows and flush, or None when no route has a digest or rate."""
@@ -271,10 +309,13 @@ class Runtime:
     async def _flush_every_tick(self, digests: Digests, seconds: float) -> None:
         from app.stores.base import StoreUnavailable
 
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(seconds)
+            # Shielded: cancelling the timer at SIGTERM must not cut a send under way.
+            self._timer_flush = loop.create_task(digests.flush(count_pending=False))
             try:
-                await digests.flush(count_pending=False)
+                await asyncio.shield(self._timer_flush)
             except StoreUnavailable as error:
                 log.warning(
                     "digest flush failed; the next one tries again", extra={"reason": str(error)}
@@ -286,19 +327,15 @@ class Runtime:
         from app.delivery.deadletter import DeadLetterBox
         from app.delivery.pipeline import Pipeline
         from app.rules.default import DefaultRouter
-        from app.stores.factory import open_store
 
         settings = self.settings
-        store = self._store
-        if store is None:
-            store = open_store(settings.idempotency_store)
-            self._owned.push_async_callback(store.aclose)
+        store = self.store()
         notifier = self._notifier
         if notifier is None:
             notifier = make_notifier(settings, self._outbox_feed)
             self._owned.push_async_callback(notifier.aclose)
         routes = router.digest_routes() if router is not None else {}
-        digests = self._build_digests(routes, notifier) if routes else None
+        digests = self._build_digests(routes, notifier, store) if routes else None
         log.info("event pipeline ready", extra={"notifier": notifier.name})
         pipeline = Pipeline(
             store=store,
@@ -306,16 +343,28 @@ class Runtime:
             router=router or DefaultRouter(settings.recipients, settings.sender),
             dead_letters=DeadLetterBox(settings.dead_letter_dir),
             lease_seconds=settings.claim_lease_seconds,
+            send_seconds=notifier.send_seconds,
+            retention_seconds=settings.dedupe_retention,
             digests=digests,
         )
         tick = settings.digest_flush_seconds
         if digests is not None and self._loop is not None and tick > 0:
+            if settings.k_service:
+                log.warning(
+                    "the digest flush timer is on under Cloud Run (K_SERVICE): with CPU only"
+                    " during requests a flush frozen between requests wakes with its claims"
+                    " lost; set DIGEST_FLUSH_SECONDS=0 and let Cloud Scheduler call POST"
+                    " /digests/flush (eventarc.tf and cloudbuild.yaml do)",
+                    extra={"digest_flush_seconds": tick, "digest_routes": sorted(routes)},
+                )
             self._flush_timer = self._loop.create_task(self._flush_every_tick(digests, tick))
         if self._on_loaded is not None:
             self._on_loaded()
         return pipeline
 
-    def _build_digests(self, routes: Mapping[str, DigestRoute], notifier: Notifier) -> Digests:
+    def _build_digests(
+        self, routes: Mapping[str, DigestRoute], notifier: Notifier, claims: IdempotencyStore
+    ) -> Digests:
         from app.delivery.digests import DigestDeadLetterFolder, Digests
         from app.stores.factory import open_digest_store
 
@@ -330,7 +379,9 @@ class Runtime:
                     "set IDEMPOTENCY_STORE to a firestore:// (or redis://) URL",
                     extra={"store": url, "digest_routes": sorted(routes)},
                 )
-            store = open_digest_store(url)
+            store = open_digest_store(
+                url, retention_seconds=settings.dedupe_retention, claims=claims
+            )
             self._owned.push_async_callback(store.aclose)
         return Digests(
             store=store,
@@ -339,6 +390,8 @@ class Runtime:
             sender=settings.sender,
             dead_letters=DigestDeadLetterFolder(settings.dead_letter_dir),
             lease_seconds=settings.claim_lease_seconds,
+            send_seconds=notifier.send_seconds,
+            budget_seconds=settings.digest_flush_budget_seconds,
         )
 
     async def aclose(self) -> None:
@@ -351,10 +404,20 @@ class Runtime:
         if self._last_flush is not None:
             try:
                 await self._last_flush
-            except (TimeoutError, asyncio.CancelledError):
+            except asyncio.CancelledError:
                 log.warning("the last digest flush was cut short; pending windows stay stored")
-            except Exception:
-                log.exception("the last digest flush failed; pending windows stay stored")
+            except Exception as error:
+                log.warning(
+                    "the last digest flush failed; pending windows stay stored",
+                    extra={"reason": str(error) or type(error).__name__},
+                )
+        if self._pipeline is not None:
+            # Done marks still being retried get what is left of the grace period.
+            left = 0.0 if self._stop_by is None or self._loop is None else self._stop_by
+            left = max(left - (self._loop.time() if self._loop else 0.0), 0.0)
+            await self._pipeline.aclose(left)
+            if self._pipeline.digests is not None:
+                await self._pipeline.digests.aclose(left)
         if self._rules_soon is not None:
             self._rules_soon.cancel()
         if self._rules is not None:

@@ -46,7 +46,6 @@ import gc
 import json
 import os
 import re
-import secrets
 import statistics
 import subprocess
 import sys
@@ -59,9 +58,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import systems, wrk
-from bench.fake import FakeSendGrid, request
+from bench.fake import FakeSendGrid, fake_sendgrid_process, request
 from bench.measure import EventSeries, LoadRun, Plan, progress
-from bench.processes import Server, clean_environment, free_port
+from bench.processes import Server, clean_environment
 
 ROUTE = "reports"  # the route bench/rules_file.py's events match
 WINDOW = "1h"  # longer than the runs: nothing flushes while wrk loads
@@ -269,6 +268,7 @@ async def _burst(fake_url: str, api_key: str, events: int, directory: Path) -> B
         sender=systems.SENDER,
         dead_letters=None,
         lease_seconds=60,
+        send_seconds=30,
         clock=lambda: clock[0],
     )
     problems: list[str] = []
@@ -345,6 +345,7 @@ async def _store_work(events: int, directory: Path, rounds: int = 10) -> StoreWo
     from app.delivery.digests import Digests
     from app.notify.outbox import OutboxNotifier
     from app.rules.base import DigestRoute
+    from app.stores.base import Lease
     from app.stores.sqlite_claims import SqliteStore
     from app.stores.sqlite_windows import SqliteDigestStore
 
@@ -361,6 +362,7 @@ async def _store_work(events: int, directory: Path, rounds: int = 10) -> StoreWo
         sender=systems.SENDER,
         dead_letters=None,
         lease_seconds=60,
+        send_seconds=5,
     )
     immediate_rounds, join_rounds = [], []
     try:
@@ -368,8 +370,8 @@ async def _store_work(events: int, directory: Path, rounds: int = 10) -> StoreWo
             chunk = slice(number * per_round, (number + 1) * per_round)
             started = time.perf_counter()
             for key in keys[chunk]:
-                await immediate.claim(key, "owner", 60)
-                await immediate.complete(key, "owner", 90_000)
+                lease = await immediate.claim(key, 60)
+                await immediate.complete(key, lease.token if isinstance(lease, Lease) else 0)
             immediate_rounds.append(time.perf_counter() - started)
             started = time.perf_counter()
             for event in batch[chunk]:
@@ -387,22 +389,9 @@ async def _store_work(events: int, directory: Path, rounds: int = 10) -> StoreWo
 
 def run_burst(events: int = BURST_EVENTS, logs: Path | None = None) -> Burst:
     """The burst against a fake SendGrid process of its own; the fake must accept 3 emails."""
-    api_key = f"SG.{secrets.token_urlsafe(16)}.{secrets.token_urlsafe(32)}"
-    port = free_port()
-    argv = [
-        systems.DEV_PYTHON,
-        "-m",
-        "tests.fakes.sendgrid",
-        f"--port={port}",
-        "--latency-ms=0",
-        f"--api-key={api_key}",
-    ]
-    env = clean_environment(PYTHONPATH=str(systems.ROOT))
     with tempfile.TemporaryDirectory(prefix="bench-digest-burst-") as work:
         log = (logs or Path(work)) / "fake-sendgrid-burst.log"
-        with Server("fake-sendgrid", argv, env=env, cwd=systems.ROOT, log=log, port=port) as server:
-            fake = FakeSendGrid(server)
-            fake.wait_ready()
+        with fake_sendgrid_process(log) as (fake, api_key):
             burst = asyncio.run(_burst(fake.url, api_key, events, Path(work)))
             stats = fake.stats()
     problems = list(burst.problems)

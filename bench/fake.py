@@ -3,13 +3,18 @@ through its control endpoints, and the check that every 2xx answer stands for a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import json
+import secrets
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from bench.processes import Server
+from bench import systems
+from bench.processes import Server, clean_environment, free_port
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,6 +101,27 @@ class FakeSendGrid:
         return Mails(
             received=last["requests"], accepted=last["accepted"], by_status=last["by_status"]
         )
+
+
+@contextlib.contextmanager
+def fake_sendgrid_process(log: Path) -> Iterator[tuple[FakeSendGrid, str]]:
+    """A fake SendGrid of its own (no latency, a fresh API key), for the rows measured in
+    process: the fake, ready, and the key it accepts. Stopped on the way out."""
+    api_key = f"SG.{secrets.token_urlsafe(16)}.{secrets.token_urlsafe(32)}"
+    port = free_port()
+    argv = [
+        systems.DEV_PYTHON,
+        "-m",
+        "tests.fakes.sendgrid",
+        f"--port={port}",
+        "--latency-ms=0",
+        f"--api-key={api_key}",
+    ]
+    env = clean_environment(PYTHONPATH=str(systems.ROOT))
+    with Server("fake-sendgrid", argv, env=env, cwd=systems.ROOT, log=log, port=port) as server:
+        fake = FakeSendGrid(server)
+        fake.wait_ready()
+        yield fake, api_key
 
 
 def check_mails(succeeded: int, mails: Mails, in_flight_limit: int) -> list[str]:

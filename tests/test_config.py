@@ -329,3 +329,55 @@ def test_a_sendgrid_host_with_a_line_break_is_refused(monkeypatch: pytest.Monkey
 def test_a_recipient_named_twice_in_any_case_is_kept_once(monkeypatch: pytest.MonkeyPatch) -> None:
     values = settings(monkeypatch, NOTIFY_TO="ops@example.com, OPS@Example.com,dev@example.com")
     assert values.recipients == ("ops@example.com", "dev@example.com")
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"), [("8d", 8 * 86400), ("36h", 36 * 3600), ("90000", 90000)]
+)
+def test_dedupe_retention_reads_a_duration(
+    monkeypatch: pytest.MonkeyPatch, written: str, seconds: int
+) -> None:
+    assert settings(monkeypatch, DEDUPE_RETENTION=written).dedupe_retention == seconds
+
+
+def test_dedupe_retention_defaults_to_eight_days(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seven days of Pub/Sub retention and dead-letter replay, plus a day."""
+    assert settings(monkeypatch).dedupe_retention == 8 * 86400
+
+
+@pytest.mark.parametrize("written", ["24h", "1d", "3600", "soon", "-8d", "8 weeks"])
+def test_a_retention_shorter_than_redelivery_or_unreadable_is_refused(
+    monkeypatch: pytest.MonkeyPatch, written: str
+) -> None:
+    message = refusal(monkeypatch, DEDUPE_RETENTION=written)
+    assert "DEDUPE_RETENTION:" in message
+
+
+def test_a_lease_shorter_than_a_send_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A send that outlives its claim's lease may be sent again by another instance."""
+    sendgrid = {
+        "SENDGRID_API_KEY": API_KEY,
+        "NOTIFY_TO": "a@example.com",
+        "NOTIFY_FROM": "n@example.com",
+    }
+    message = refusal(monkeypatch, **sendgrid, SENDGRID_TIMEOUT="60", CLAIM_LEASE_SECONDS="60")
+    assert "CLAIM_LEASE_SECONDS (60) must be at least SENDGRID_TIMEOUT (60) + 5" in message
+    assert settings(monkeypatch, **sendgrid, SENDGRID_TIMEOUT="55", CLAIM_LEASE_SECONDS="60")
+
+
+def test_the_outbox_needs_a_lease_of_its_own_write_bound_and_the_margin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SENDGRID_TIMEOUT plays no part when the outbox sends: its own bound (5 s) does."""
+    message = refusal(monkeypatch, NOTIFIER="outbox", CLAIM_LEASE_SECONDS="9")
+    assert "CLAIM_LEASE_SECONDS (9) must be at least the outbox's write bound (5) + 5" in message
+    allowed = settings(
+        monkeypatch, NOTIFIER="outbox", SENDGRID_TIMEOUT="60", CLAIM_LEASE_SECONDS="10"
+    )
+    assert allowed.claim_lease_seconds == 10
+
+
+def test_the_flush_budget_is_twenty_seconds_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings(monkeypatch).digest_flush_budget_seconds == 20
+    assert settings(monkeypatch, DIGEST_FLUSH_BUDGET_SECONDS="5").digest_flush_budget_seconds == 5
+    assert "DIGEST_FLUSH_BUDGET_SECONDS" in refusal(monkeypatch, DIGEST_FLUSH_BUDGET_SECONDS="0")

@@ -2,8 +2,10 @@
 
 On Cloud Run, CPU is throttled between requests, so the in-process timer cannot keep time there:
 Cloud Scheduler calls `POST /digests/flush` every minute (eventarc.tf, `digest_schedule`), which
-sends every due window. Both routes are protected exactly as event delivery is (EVENT_AUTH): a
-flush sends email, and the list names routes and object counts.
+sends the due windows within the flush's time budget (DIGEST_FLUSH_BUDGET_SECONDS) and says how
+many it left for the next call. `GET /digests` counts each window's events without reading them.
+Both routes are protected exactly as event delivery is (EVENT_AUTH): a flush sends email, and
+the list names routes and object counts.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ async def flush_digests(request: Request) -> Response:
     await authorize(request, runtime)
     digests = await runtime.digests()
     if digests is None:
-        return JSONResponse({"flushed": 0, "pending": 0, "failed": 0, "dead_lettered": 0})
+        return JSONResponse(
+            {"flushed": 0, "pending": 0, "failed": 0, "dead_lettered": 0, "left": 0}
+        )
     result = await digests.flush(limit=FLUSH_LIMIT)
     return JSONResponse(
         {
@@ -33,6 +37,7 @@ async def flush_digests(request: Request) -> Response:
             "pending": result.pending,
             "failed": result.failed,
             "dead_lettered": result.dead_lettered,
+            "left": result.left,  # due windows the flush's time budget left for the next one
         }
     )
 

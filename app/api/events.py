@@ -35,7 +35,10 @@ async def receive_event(request: Request) -> Response:
     body = await read_body(request)
     pipeline = await runtime.pipeline()
     result = await pipeline.receive(request.headers, body)
-    return JSONResponse({"status": result.outcome.value, "id": result.event_id})
+    answer: dict[str, object] = {"status": result.outcome.value, "id": result.event_id}
+    if result.unconfirmed:
+        answer["unconfirmed"] = result.unconfirmed
+    return JSONResponse(answer)
 
 
 route = Route("/", receive_event, methods=["POST"], name="receive_event")

@@ -49,6 +49,7 @@ _ANSWERS_TABLE = """\
 | situation | answer |
 | --- | --- |
 | notified | `200 {"status": "sent", "id": …}` |
+| notified, done mark not stored yet (retried while the claim lasts) | `200 {…, "unconfirmed": 1}` |
 | already notified (a redelivery, or the change published twice) | `200 {"status": "duplicate"}` |
 | a CloudEvent of a type this service does not handle | `200 {"status": "ignored"}` |
 | rules: no route matched / a `drop` route matched | `200 {"status": "ignored"}` / `"dropped"` |
@@ -60,6 +61,7 @@ _ANSWERS_TABLE = """\
 | the same change is being sent right now by another delivery | `409` + `Retry-After` |
 | body over 512 KiB | `413` |
 | email provider, delivery state or token certificates unavailable | `503` + `Retry-After` |
+| a send whose outcome is unknown (its claim stands until its lease ends) | `503` + `Retry-After` |
 """
 
 _DESCRIPTION = f"""\
@@ -334,6 +336,13 @@ def _schemas(data: dict[str, Any], event_types: list[str], outcomes: list[str]) 
             "properties": {
                 "status": {"type": "string", "enum": outcomes},
                 "id": {"type": "string", "description": "The event's id (`ce-id`)."},
+                "unconfirmed": {
+                    "type": "integer",
+                    "description": (
+                        "Emails the provider accepted whose done marks the store has not taken"
+                        " yet (retried while their claims last); absent when none."
+                    ),
+                },
             },
         },
         "Problem": {

@@ -17,6 +17,11 @@ from app.files import write_json
 
 log = logging.getLogger(__name__)
 
+# `python -m app.replay --force` sends this header with "force": the pipeline then sends a change
+# older than the retention instead of keeping it here.
+REPLAY_HEADER = "x-gcs-notifier-replay"
+DEAD_LETTERED_AT = "deadletteredat"  # the extension that says when, on every file here
+
 
 def structured_event(event: StorageEvent, reason: str, at: datetime) -> dict[str, Any]:
     document: dict[str, Any] = {
@@ -33,7 +38,7 @@ def structured_event(event: StorageEvent, reason: str, at: datetime) -> dict[str
     document.update(event.extensions)
     # CloudEvents extension names are lower-case letters and digits only.
     document["deadletterreason"] = reason
-    document["deadletteredat"] = at.isoformat().replace("+00:00", "Z")
+    document[DEAD_LETTERED_AT] = at.isoformat().replace("+00:00", "Z")
     document["data"] = event.data.model_dump(mode="json", by_alias=True, exclude_none=True)
     return document
 

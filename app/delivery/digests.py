@@ -1,40 +1,47 @@
 """Digest routes join events to windows, and a flush sends each due window as one email.
 
 The pipeline calls `Digests.join` for an event a `digest` route matched, and `Digests.take` then
-`Digests.overflow` for one a `rate` route matched; the flush timer (app.runtime),
-`POST /digests/flush` and SIGTERM call `Digests.flush`.
+`Digests.overflow` for one a `rate` route matched; `POST /digests/flush` (Cloud Scheduler), the
+flush timer where the CPU is always there (app.runtime) and SIGTERM call `Digests.flush`.
 
 A route's recipients and window settings are given once, at construction (`DigestRoute`), not
 with each event: a flush after a restart must know whom to tell about a window without waiting
 for a new event.
 
-For each due window a flush: claims it with a lease (another flush holding it, or one that
-already sent it, means skip) -> reads its summary -> renders one email -> sends it -> marks the
-window done. A send that fails for now (SendGrid down, 429, a full disk) releases the window,
-which stays pending and goes out on the next flush; a digest SendGrid rejects for good is
-written to the dead-letter folder and marked done. So two flushes at once send a window once,
-and a failed send followed by a later one sends it once.
+For each due window a flush: claims it (a fenced lease from the clock at that moment; another
+flush holding it, or one that already sent it, means skip) -> reads its summary -> renders one
+email -> renews the claim, so a flush that lost its lease while it was slow or frozen never
+starts a send -> sends it -> marks the window done. After the provider's 2xx the window is never
+released: the done mark is retried (app.delivery.confirm) while the lease keeps other flushes
+away. A send that certainly failed (SendGrid down, 429, a full disk) releases the window, which
+goes out on a later flush; one that may have gone out (a timeout) keeps its claim until the lease
+ends. A digest SendGrid rejects for good is written to the dead-letter folder and marked done.
+So two flushes at once send a window once, and a failed send followed by a later one sends it
+once.
+
+A flush has a time budget (DIGEST_FLUSH_BUDGET_SECONDS): past it, it claims no more windows and
+says how many it left for the next flush. One window that fails (a store error, a damaged record,
+a rejection) never stops the others.
 
 One email per window: a digest route's recipients must fit in one message of the notifier
 (`max_recipients`), checked at construction. Split into batches, a partial failure would resend
 the batches already accepted, since the window is claimed as a whole.
-
-`lease_seconds` must exceed the notifier's timeout: a send that outlives its lease may be sent
-again by another flush.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from app.config import LEASE_MARGIN_SECONDS
+from app.delivery.confirm import Confirmations
 from app.digests.render import render_digest
 from app.digests.window import DigestItem
 from app.events.models import StorageEvent
@@ -42,12 +49,14 @@ from app.files import write_json
 from app.notify.base import (
     Notification,
     Notifier,
+    Receipt,
     RejectedDeliveryError,
     TransientDeliveryError,
+    UncertainDeliveryError,
 )
 from app.rules.base import DigestRoute
 from app.rules.templates import with_footer
-from app.stores.base import Claim
+from app.stores.base import Lease, StoreUnavailable
 from app.stores.windows import Added, DigestStore, DigestWindow, Taken
 
 log = logging.getLogger(__name__)
@@ -56,9 +65,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class FlushResult:
     flushed: int  # windows sent and marked done
-    pending: int  # windows not yet sent, after this flush
+    pending: int  # windows not yet sent, after this flush (-1: not counted)
     failed: int  # windows whose send failed for now: still pending, sent by a later flush
     dead_lettered: int = 0  # windows rejected for good: in the dead-letter folder, done
+    left: int = 0  # due windows this flush did not try: its time budget was spent
 
 
 class DigestDeadLetters(Protocol):
@@ -110,8 +120,13 @@ class Digests:
         sender: str,
         dead_letters: DigestDeadLetters | None,
         lease_seconds: float,
+        send_seconds: float,
+        budget_seconds: float = 20.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`send_seconds`: the longest one send may take (the notifier's timeout); a window is
+        claimed only with that and a margin left of the flush's time, and its lease must cover
+        it. `budget_seconds`: how long one flush goes on claiming windows."""
         limit = notifier.max_recipients
         for name, route in routes.items():
             if name != route.name:
@@ -123,13 +138,27 @@ class Digests:
                     f"digest route {name!r} has {len(route.recipients)} recipients; a digest is "
                     f"one message, and {notifier.name} takes at most {limit}"
                 )
+        if lease_seconds < send_seconds + LEASE_MARGIN_SECONDS:
+            raise ValueError(
+                f"a digest's lease ({lease_seconds:g} s) must cover its send ({send_seconds:g} s)"
+                f" and {LEASE_MARGIN_SECONDS:g} s more"
+            )
         self.store = store
         self.notifier = notifier
         self.routes = dict(routes)
         self.sender = sender
         self.dead_letters = dead_letters
         self.lease_seconds = lease_seconds
+        self.send_seconds = send_seconds
+        self.budget_seconds = budget_seconds
         self.clock = clock
+        self.confirmations = Confirmations(clock)
+        self._deadline: float | None = None  # set at SIGTERM (event loop time)
+
+    def shutting_down(self, deadline: float) -> None:
+        """SIGTERM: every flush, the one under way included, claims no window whose send could
+        still be running at `deadline` (event loop time); sends under way are never cut."""
+        self._deadline = deadline
 
     async def join(self, route: str, event: StorageEvent) -> Added:
         """A `digest` route's event joins its window (or, with `leading`, opens an empty one and
@@ -146,87 +175,179 @@ class Digests:
             leading_after=leading_after,
         )
 
-    async def take(self, route: str) -> Taken:
-        """A `rate` route's event: may it go out now? Counts it against the period if so."""
+    async def take(self, route: str, event: StorageEvent) -> Taken:
+        """A `rate` route's event: may it go out now? Counts it against the period if so (once
+        per change: a redelivery of a change that took an email is allowed again, uncounted)."""
         spec = self.routes[route]
         if spec.rate is None:
             raise KeyError(f"route {route!r} has no rate")
-        return await self.store.take(spec.name, spec.rate.max, spec.rate.per_seconds, self.clock())
+        return await self.store.take(
+            spec.name, event.change_key(), spec.rate.max, spec.rate.per_seconds, self.clock()
+        )
 
-    async def overflow(self, route: str, event: StorageEvent, period_end: float) -> Added:
-        """A `rate` route's event past the limit joins the digest sent when the period ends."""
+    async def overflow(
+        self, route: str, event: StorageEvent, period_end: float, done_keys: Sequence[str]
+    ) -> Added:
+        """A `rate` route's event past the limit joins the digest sent when the period ends, and
+        its email keys (`done_keys`) are marked done in the same atomic step."""
         spec = self.routes[route]
         now = self.clock()
-        return await self.store.add(
-            spec.name, max(period_end - now, 0.0), spec.max_items, DigestItem.of(event), now
+        return await self.store.overflow(
+            spec.name,
+            max(period_end - now, 0.0),
+            spec.max_items,
+            DigestItem.of(event),
+            now,
+            done_keys,
         )
 
     async def flush(
-        self, now: float | None = None, limit: int = 100, *, count_pending: bool = True
+        self,
+        now: float | None = None,
+        limit: int = 100,
+        *,
+        count_pending: bool = True,
+        deadline: float | None = None,
     ) -> FlushResult:
-        """Send up to `limit` due windows, earliest first. `pending` is -1 without
-        `count_pending` (the timer's flushes, every second, need not count)."""
-        now = self.clock() if now is None else now
-        owner = uuid.uuid4().hex
+        """Send up to `limit` due windows, earliest first, claiming them while the time budget
+        lasts (and only while `deadline`, event loop time, or the shutdown's leaves time for a
+        whole send).
+        `now` decides which windows are due (tests move it); each claim's lease runs from the
+        clock when it is made. `pending` is -1 without `count_pending` (the timer's flushes,
+        every second, need not count)."""
+        loop = asyncio.get_running_loop()
+        budget_ends = loop.time() + self.budget_seconds
+        due = await self.store.due(self.clock() if now is None else now, limit)
         flushed = failed = dead_lettered = 0
-        for window_id in await self.store.due(now, limit):
-            state = await self.store.claim(window_id, owner, self.lease_seconds, now)
-            if state is not Claim.CLAIMED:
-                continue  # another flush is sending it, or it was sent
-            outcome = await self._send(window_id, owner, now)
+        for index, window_id in enumerate(due):
+            if loop.time() >= self._stop_at(budget_ends, deadline):
+                log.info(
+                    "digest flush stopped at its time budget; the rest wait for the next flush",
+                    extra={"left": len(due) - index, "budget_seconds": self.budget_seconds},
+                )
+                left = len(due) - index
+                break
+            outcome = await self._flush_window(window_id)
             flushed += outcome == "sent"
             failed += outcome == "failed"
             dead_lettered += outcome == "dead-lettered"
-        pending = len(await self.store.pending(now)) if count_pending else -1
-        return FlushResult(flushed, pending, failed, dead_lettered)
+        else:
+            left = 0
+        pending = len(await self.store.pending(self.clock())) if count_pending else -1
+        return FlushResult(flushed, pending, failed, dead_lettered, left)
 
-    async def _send(self, window_id: str, owner: str, now: float) -> str:
-        """One claimed window: "sent", "empty" (done, nothing to tell), "failed" (released) or
-        "dead-lettered" (done)."""
+    def _stop_at(self, budget_ends: float, deadline: float | None) -> float:
+        """When a flush claims no more windows: its budget's end, or, at shutdown, the last
+        moment a send can start and still end before SIGKILL."""
+        stop = budget_ends
+        for last in (deadline, self._deadline):
+            if last is not None:
+                stop = min(stop, last - self.send_seconds)
+        return stop
+
+    async def _flush_window(self, window_id: str) -> str:
+        """Claim one window and send it: "sent", "empty" (done, nothing to tell), "skipped"
+        (another flush has it, or it was sent), "lost" (the claim was lost before the send),
+        "failed" (left for a later flush) or "dead-lettered" (done). A failure of this window is
+        logged and never stops the flush."""
+        try:
+            answer = await self.store.claim(window_id, self.lease_seconds, self.clock())
+            if not isinstance(answer, Lease):
+                return "skipped"
+            return await self._send(window_id, answer)
+        except StoreUnavailable as error:
+            log.warning(
+                "digest not sent: the store failed; it stays pending for the next flush",
+                extra={"digest_window": window_id, "reason": str(error)},
+            )
+        except Exception:
+            log.exception(
+                "digest not sent: unexpected error; it stays pending for the next flush",
+                extra={"digest_window": window_id},
+            )
+        return "failed"
+
+    async def _send(self, window_id: str, lease: Lease) -> str:
+        """One claimed window; see _flush_window."""
+        attempted = False  # once the send began, it may have gone out: the claim then stands
         try:
             window = await self.store.read(window_id)
             route = self.routes.get(window.info.route)
             if window.summary.count == 0:
                 # Opened by a leading event, which went out alone, and nothing followed.
-                await self.store.complete(window_id, owner, now)
+                await self.store.complete(window_id, lease.token, self.clock())
                 return "empty"
-            if route is None:
-                reason = f"route {window.info.route!r} is not a digest route any more"
-                log.error("digest of an unknown route", extra=_fields(window, reason=reason))
-                rejected: RejectedDeliveryError | None = RejectedDeliveryError(reason)
-            else:
-                try:
-                    receipt = await self.notifier.send(self._notification(window, route))
-                    rejected = None
-                except RejectedDeliveryError as error:
-                    rejected = error
-            if rejected is not None:
-                if self.dead_letters is None:
-                    raise TransientDeliveryError(
-                        f"digest rejected ({rejected.reason}) and no dead-letter folder to keep it"
-                    )
-                try:
-                    self.dead_letters.put(window_id, window.summary.to_json(), rejected.reason)
-                except OSError as error:
-                    raise TransientDeliveryError(
-                        f"could not write the dead-letter file: {error.strerror}"
-                    ) from error
+            renewed = await self.store.renew(
+                window_id, lease.token, self.lease_seconds, self.clock()
+            )
+            if renewed is None:
+                log.warning(
+                    "digest not sent: its claim was lost before the send (the flush was slow or"
+                    " frozen past its lease); another flush sends it",
+                    extra=_fields(window),
+                )
+                return "lost"
+            lease, attempted = renewed, True
+            rejected = await self._deliver(window, route)
+        except UncertainDeliveryError as error:
+            # It may have gone out: the claim stands until its lease ends.
+            log.warning(
+                "digest may or may not have been sent; its claim stands until its lease ends,"
+                " then a later flush may send it",
+                extra={"digest_window": window_id, "reason": error.reason},
+            )
+            return "failed"
         except TransientDeliveryError as error:
-            await self.store.release(window_id, owner, now)
+            await self._release(window_id, lease)
             log.warning(
                 "digest not sent; it stays pending for the next flush",
                 extra={"digest_window": window_id, "reason": error.reason},
             )
             return "failed"
         except BaseException:
-            # A store failure, cancellation or a bug: the next flush may send it now.
-            await self.store.release(window_id, owner, now)
+            # A store failure, cancellation or a bug before the send: the next flush may send
+            # it now. Once the send began (cut short, or a bug after it), the claim stands.
+            if not attempted:
+                await self._release(window_id, lease)
             raise
-        # Sent or kept: a store failure from here on leaves the claim to its lease, never
-        # released, so the window is not sent again at once.
-        await self.store.complete(window_id, owner, now)
-        if rejected is not None:
-            return "dead-lettered"
+        await self.confirmations.confirm(
+            lambda: self.store.complete(window_id, lease.token, self.clock()),
+            lease.expires,
+            _fields(window),
+        )
+        return "dead-lettered" if rejected else "sent"
+
+    async def _deliver(self, window: DigestWindow, route: DigestRoute | None) -> bool:
+        """Send the window's email, or keep it in the dead-letter folder when it can never be
+        sent (its route is gone, or the provider rejected it): True then. TransientDeliveryError
+        when it is to be tried again."""
+        window_id = window.info.window_id
+        if route is None:
+            reason = f"route {window.info.route!r} is not a digest route any more"
+            log.error("digest of an unknown route", extra=_fields(window, reason=reason))
+            rejected = RejectedDeliveryError(reason)
+        else:
+            try:
+                receipt = await self.notifier.send(self._notification(window, route))
+            except RejectedDeliveryError as error:
+                rejected = error
+            else:
+                self._log_sent(window, route, receipt)
+                return False
+        if self.dead_letters is None:
+            raise TransientDeliveryError(
+                f"digest rejected ({rejected.reason}) and no dead-letter folder to keep it"
+            )
+        try:
+            self.dead_letters.put(window_id, window.summary.to_json(), rejected.reason)
+        except OSError as error:
+            raise TransientDeliveryError(
+                f"could not write the dead-letter file: {error.strerror}"
+            ) from error
+        return True
+
+    @staticmethod
+    def _log_sent(window: DigestWindow, route: DigestRoute, receipt: Receipt) -> None:
         log.info(
             "digest sent",
             extra={
@@ -234,10 +355,18 @@ class Digests:
                 "notifier": receipt.notifier,
                 "message_id": receipt.message_id,
                 "sandbox": receipt.sandbox,
-                "recipients": len(route.recipients) if route else 0,
+                "recipients": len(route.recipients),
             },
         )
-        return "sent"
+
+    async def _release(self, window_id: str, lease: Lease) -> None:
+        try:
+            await self.store.release(window_id, lease.token, self.clock())
+        except StoreUnavailable as error:
+            log.warning(
+                "could not release a digest's claim; it ends with its lease",
+                extra={"digest_window": window_id, "reason": str(error)},
+            )
 
     def _notification(self, window: DigestWindow, route: DigestRoute) -> Notification:
         summary = window.summary
@@ -254,6 +383,10 @@ class Digests:
             sender=self.sender,
             context={k: str(v) for k, v in _fields(window).items()},
         )
+
+    async def aclose(self, seconds: float) -> None:
+        """At shutdown: give the done marks still being retried up to `seconds`."""
+        await self.confirmations.aclose(seconds)
 
 
 def _fields(window: DigestWindow, **more: object) -> dict[str, object]:

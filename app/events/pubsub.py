@@ -56,8 +56,16 @@ ATTRIBUTES = (
     "overwroteGeneration",
     "overwrittenByGeneration",
 )
-# Kept on the event as CloudEvent extensions (lower-case names, string values).
-_EXTENSIONS = ("notificationConfig", "overwroteGeneration", "overwrittenByGeneration")
+# Kept on the event as CloudEvent extensions (lower-case names, string values). Pub/Sub adds
+# the last one to a message it forwards to a dead-letter topic
+# (https://cloud.google.com/pubsub/docs/handling-failures): pushed from there, it is a replay.
+DEAD_LETTER_SOURCE = "CloudPubSubDeadLetterSourceSubscription"
+_EXTENSIONS = (
+    "notificationConfig",
+    "overwroteGeneration",
+    "overwrittenByGeneration",
+    DEAD_LETTER_SOURCE,
+)
 # An unwrapped push writes each attribute as a header; HTTP servers lower-case header names.
 _HEADERS = {name.lower(): name for name in ATTRIBUTES}
 _STORAGE_HEADERS = ("eventtype", "bucketid", "objectid", "payloadformat")

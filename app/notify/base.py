@@ -14,6 +14,7 @@ from app.notify.errors import (
     DeliveryError,
     RejectedDeliveryError,
     TransientDeliveryError,
+    UncertainDeliveryError,
 )
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "Receipt",
     "RejectedDeliveryError",
     "TransientDeliveryError",
+    "UncertainDeliveryError",
 ]
 
 
@@ -62,6 +64,7 @@ class Receipt:
 class Notifier(Protocol):
     name: str
     max_recipients: int | None  # per message; None for no limit
+    send_seconds: float  # the longest one send may take: a claim's lease must cover it
 
     async def send(self, notification: Notification) -> Receipt:
         """Deliver or raise a DeliveryError. Must not block the event loop."""

@@ -18,8 +18,14 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 
+from app.config import OUTBOX_SEND_SECONDS
 from app.files import write_atomically
-from app.notify.base import Notification, Receipt, TransientDeliveryError
+from app.notify.base import (
+    Notification,
+    Receipt,
+    TransientDeliveryError,
+    UncertainDeliveryError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,7 @@ class OutboxWriteError(Exception):
 class OutboxNotifier:
     name = "outbox"
     max_recipients: int | None = None
+    send_seconds = OUTBOX_SEND_SECONDS  # a few files; a disk that stalls longer: 503
 
     def __init__(
         self, directory: Path, on_written: Callable[[list[Path]], None] | None = None
@@ -83,7 +90,13 @@ class OutboxNotifier:
             for recipient in notification.recipients
         ]
         try:
-            paths = await asyncio.to_thread(self._write_all, notification.key, copies)
+            async with asyncio.timeout(self.send_seconds):
+                paths = await asyncio.to_thread(self._write_all, notification.key, copies)
+        except TimeoutError:
+            # The thread goes on writing: the files may appear after all.
+            raise UncertainDeliveryError(
+                f"outbox write took over {self.send_seconds:g} s ({VARIABLE}={self.directory})"
+            ) from None
         except OutboxWriteError as failed:
             reason = failed.reason
             log.error(

@@ -36,6 +36,7 @@ from app.notify.base import (
     Receipt,
     RejectedDeliveryError,
     TransientDeliveryError,
+    UncertainDeliveryError,
 )
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ class SendGridNotifier:
         self._sandbox = sandbox
         self._url = yarl.URL(f"{host.rstrip('/')}{SEND_PATH}")  # parsed once, not per send
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self.send_seconds = timeout
         # The key goes into the session's headers and nowhere else: never logged or shown.
         self._key = api_key.get_secret_value()
         self._key_unsendable = _CONTROL.search(self._key) is not None
@@ -188,12 +190,19 @@ class SendGridNotifier:
             ) as response:
                 status, headers, body = response.status, response.headers, await response.read()
         # aiohttp's errors keep the request (`request_info`, headers and key included), so none
-        # is chained; their text names the host, never a header.
+        # is chained; their text names the host, never a header. Only a connection that was
+        # never made proves the request was not sent; after that (a timeout, a connection that
+        # broke) SendGrid may have accepted it, and the claim must stand until its lease ends.
+        except aiohttp.ConnectionTimeoutError:
+            raise TransientDeliveryError("SendGrid unreachable: no connection in time") from None
+        except aiohttp.ClientConnectorError as error:
+            raise TransientDeliveryError(f"SendGrid unreachable: {self._reason(error)}") from None
         except TimeoutError:  # asyncio.TimeoutError and aiohttp.ServerTimeoutError alike
-            raise TransientDeliveryError("SendGrid did not answer in time") from None
+            raise UncertainDeliveryError("SendGrid did not answer in time") from None
         except (aiohttp.ClientError, OSError) as error:
-            reason = (str(error) or type(error).__name__).replace(self._key, "[redacted]")
-            raise TransientDeliveryError(f"SendGrid unreachable: {reason}") from None
+            raise UncertainDeliveryError(
+                f"SendGrid connection broke: {self._reason(error)}"
+            ) from None
         if status in (200, 202):  # 200 is sandbox mode: validated, not delivered
             return Receipt(
                 notifier=self.name,
@@ -201,6 +210,9 @@ class SendGridNotifier:
                 sandbox=status == 200,
             )
         raise self._failure(status, headers, body, notification)
+
+    def _reason(self, error: BaseException) -> str:
+        return (str(error) or type(error).__name__).replace(self._key, "[redacted]")
 
     def _failure(
         self, status: int, headers: Mapping[str, str], payload: bytes, notification: Notification

@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from app.durations import duration_text
 from app.events.models import EventType, StorageEvent, StorageObjectData
 from app.notify.render import visible
 from app.rules.match import describe
-from app.rules.model import RouteSpec, RulesError, duration_text, load_rules, parse_size
+from app.rules.model import RouteSpec, RulesError, load_rules, parse_size
 from app.rules.routing import RulesRouter, compile_rules
 
 SENDER = "notifier@localhost"  # explain shows recipients and subjects; the sender plays no part

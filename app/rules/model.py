@@ -56,6 +56,9 @@ import yaml.reader
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from app.config import _check_address
+from app.durations import DURATION_HELP, duration_text, parse_duration
+from app.durations import escaped as _escaped
+from app.durations import shown as _shown
 from app.events.models import EventType
 
 
@@ -274,59 +277,9 @@ def size_text(size: int) -> str:
 
 # --- durations -----------------------------------------------------------------------------
 
-DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-# Other ways people write a unit, read only to say which spelling to use instead.
-_UNIT_WORDS = {
-    **dict.fromkeys(("sec", "secs", "second", "seconds"), 1),
-    **dict.fromkeys(("min", "mins", "minute", "minutes"), 60),
-    **dict.fromkeys(("hr", "hrs", "hour", "hours"), 3600),
-    **dict.fromkeys(("day", "days"), 86400),
-    **dict.fromkeys(("w", "wk", "wks", "week", "weeks"), 7 * 86400),
-}
-_DURATION = re.compile(r"([-+]?)(\d+(?:_\d+)*)(?:\.(\d+))?\s*([A-Za-z]*)")
 _DIGEST_EXAMPLE = ' like "digest: {window: 5m}"'
 _RATE_EXAMPLE = ' like "rate: {max: 20, per: 1h}"'
 _PER_HELP = 'how long a period is, like "per: 1h"'
-_DURATION_HELP = 'a whole number and s, m, h or d, like "30s", "5m", "1h", "1d"'
-
-
-def parse_duration(value: object) -> int:
-    """300, "30s", "5m", "1h", "1d" -> whole seconds (0 included: ranges are the caller's);
-    ValueError with a one-line reason, saying what to write, otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"not a duration: {_shown(value)} (write {_DURATION_HELP})")
-    text = str(value).strip()
-    match = _DURATION.fullmatch(text)
-    if match is None:
-        raise ValueError(f"not a duration: {_shown(text)} (write {_DURATION_HELP})")
-    sign, whole, point, unit = (str(group or "") for group in match.groups())
-    digits = whole.replace("_", "") + point  # the number without its decimal point
-    if len(digits) > 30:  # int() refuses huge strings with its own error
-        raise ValueError(f"{_shown(text)} is far too long (write {_DURATION_HELP})")
-    scale = DURATION_UNITS.get(unit or "s")
-    if scale is None:  # "5M", "5 minutes": told what to write below
-        scale = DURATION_UNITS.get(unit.lower()) or _UNIT_WORDS.get(unit.lower())
-    if scale is None:
-        raise ValueError(f"unknown unit {_shown(unit)} in {_shown(text)} (write {_DURATION_HELP})")
-    numerator, denominator = int(digits) * scale, int("1" + "0" * len(point))
-    if sign == "-" and numerator:
-        raise ValueError(f"{_shown(text)} is negative (write {_DURATION_HELP})")
-    if numerator % denominator:
-        raise ValueError(
-            f"{_shown(text)} is not a whole number of seconds (write {_DURATION_HELP})"
-        )
-    seconds = numerator // denominator
-    if point or sign or (unit and unit not in DURATION_UNITS):
-        raise ValueError(f"write {_shown(duration_text(seconds))} for {_shown(text)}")
-    return seconds
-
-
-def duration_text(seconds: int) -> str:
-    """Seconds in the largest unit that holds them whole: 300 -> "5m", 90 -> "90s", 0 -> "0s"."""
-    for unit, scale in DURATION_UNITS.items():
-        if seconds and seconds % scale == 0:
-            return f"{seconds // scale}{unit}"
-    return f"{seconds}s"
 
 
 # --- globs ---------------------------------------------------------------------------------
@@ -518,19 +471,6 @@ def _syntax_error(path: str, text: str, error: yaml.MarkedYAMLError) -> RulesErr
 
 def _line(node: Node) -> int:
     return int(node.start_mark.line) + 1
-
-
-def _shown(value: object) -> str:
-    """A value quoted for a one-line message; control characters escaped."""
-    if isinstance(value, str):
-        escaped = value if value.isprintable() else _escaped(value)
-        shown = escaped if len(escaped) <= 80 else escaped[:77] + "..."
-        return '"' + shown.replace('"', '\\"') + '"'
-    return repr(value)
-
-
-def _escaped(text: str) -> str:
-    return text.encode("unicode_escape").decode("ascii")
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
@@ -938,7 +878,7 @@ class _Reader:
         low, high = bounds
         if not isinstance(node, ScalarNode) or node.tag in (_NULL, _BOOL):
             raise self.fail(
-                node, field, f"must be a duration, not {_kind(node)} (write {_DURATION_HELP})"
+                node, field, f"must be a duration, not {_kind(node)} (write {DURATION_HELP})"
             )
         try:
             seconds = parse_duration(node.value)

@@ -1,5 +1,4 @@
-"""Where digest windows wait for their flush, durably (issue 11; not wired into the service yet:
-the pipeline, the flush timer, POST /digests/flush and GET /digests will use this Protocol).
+"""Where digest windows wait for their flush, durably, and where rate routes count their emails.
 
 A route with a digest has at most one OPEN window at a time. Each window moves
 
@@ -15,29 +14,36 @@ A route with a digest has at most one OPEN window at a time. Each window moves
   LEADING change: the caller sends it at once, alone, and the window opens empty (count 0)
   for the events that follow; an empty window is completed without an email.
 - `claim` closes the window to new events: an event arriving while it is being sent opens the
-  route's next window, so every event is in exactly one email.
+  route's next window, so every event is in exactly one email. A claim is a fenced lease
+  (app.stores.base): the flush renews it immediately before it sends, and completes or releases
+  it with its token.
 - A SENDING window whose lease ran out (its sender died) and a RELEASED one (its send failed)
   are due again, as is an OPEN window past its due time; `due` lists them.
 
 `take` counts a `rate` route's emails in periods: the first email after a period ended starts
-the next one, and an email over the limit is not allowed (the caller adds it to a digest).
+the next one, and an email over the limit is not allowed: the caller then calls `overflow`, which
+joins the event to the period's digest and marks its email keys done in the same backend's
+claims (app.stores.claims), in one atomic step, so a redelivery finds it done and neither emails
+it alone nor counts it again. A change that already took an email of the current period takes
+it again without spending the budget twice (its first delivery failed after the take).
 
 The idempotency claims of single emails are a separate Protocol (app.stores.claims); the two
-share `Claim` and `StoreUnavailable`. Key hashing and retention live here, once, for every
-backend. Every method takes `now` (seconds since the epoch) from the caller, so one clock decides
-and tests can move it.
+share `Claim`, `Lease` and `StoreUnavailable`. Key hashing lives here, once, for every backend.
+Every method takes `now` (seconds since the epoch) from the caller, so one clock decides and
+tests can move it.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from app.config import DONE_RETENTION_SECONDS
+from app.config import DEDUPE_RETENTION_SECONDS
 from app.digests.window import DigestItem, DigestSummary
-from app.stores.base import Claim, StoreUnavailable
+from app.stores.base import Claim, Lease, StoreUnavailable
 
 __all__ = [
     "RETENTION_SECONDS",
@@ -45,6 +51,7 @@ __all__ = [
     "Claim",
     "DigestStore",
     "DigestWindow",
+    "Lease",
     "StoreUnavailable",
     "Taken",
     "UnknownWindow",
@@ -54,9 +61,9 @@ __all__ = [
     "window_id",
 ]
 
-# A change key is remembered this long after it joined a window, and a done window is kept this
-# long after its email: longer than Eventarc's 24 hours of redelivery, as for single emails.
-RETENTION_SECONDS = DONE_RETENTION_SECONDS
+# By default a change key is remembered this long after it joined a window, and a done window is
+# kept this long after its email (DEDUPE_RETENTION; each backend takes its own as an argument).
+RETENTION_SECONDS = DEDUPE_RETENTION_SECONDS
 
 
 class WindowState(StrEnum):
@@ -96,6 +103,7 @@ class Taken:
     allowed: bool
     period_end: float
     used: int
+    again: bool = False  # this change had taken an email of this period before: not counted twice
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +140,32 @@ class DigestStore(Protocol):
         the route's next events join it as usual."""
         ...
 
-    async def take(self, route: str, limit: int, per_seconds: float, now: float) -> Taken:
-        """One email of a rate route: allowed while fewer than `limit` were taken in the
-        route's current period. With no period, or `now` at or after its end, a new period
-        [now, now + per_seconds) starts with this email. Atomic, and durable before it returns
-        (StoreUnavailable otherwise); ValueError for a limit below 1 or a period of 0 or less."""
+    async def overflow(
+        self,
+        route: str,
+        window_seconds: float,
+        max_items: int,
+        item: DigestItem,
+        now: float,
+        done_keys: Sequence[str],
+    ) -> Added:
+        """A rate route's event past its limit: joins the route's window as `add` does (never
+        leading) and marks each of `done_keys` (keys of app.stores.claims, in this backend's
+        claims) done for the retention from the wall clock, as the claims store reads its done
+        marks (`now` is the digest's clock, which tests may move), in one atomic step: both
+        happen, or neither. A change already in a window is not added again, and its keys are
+        marked done all the same."""
+        ...
+
+    async def take(
+        self, route: str, change_key: str, limit: int, per_seconds: float, now: float
+    ) -> Taken:
+        """One email of a rate route for the change `change_key`: allowed while fewer than
+        `limit` were taken in the route's current period. With no period, or `now` at or after
+        its end, a new period [now, now + per_seconds) starts with this email. A change that
+        already took an email of the current period is allowed again without counting
+        (`Taken.again`). Atomic, and durable before it returns (StoreUnavailable otherwise);
+        ValueError for a limit below 1 or a period of 0 or less."""
         ...
 
     async def due(self, now: float, limit: int) -> list[str]:
@@ -144,26 +173,36 @@ class DigestStore(Protocol):
         SENDING ones whose lease ran out."""
         ...
 
-    async def claim(self, window_id: str, owner: str, lease_seconds: float, now: float) -> Claim:
-        """CLAIMED closes the window and makes `owner` its sender until the lease runs out (an
-        owner claiming again just extends it); IN_FLIGHT while another owner's lease runs; DONE
-        when it was sent, or is unknown (purged): nothing is left to send."""
+    async def claim(self, window_id: str, lease_seconds: float, now: float) -> Lease | Claim:
+        """A Lease closes the window and makes the caller its sender until `now +
+        lease_seconds`; Claim.IN_FLIGHT while another claim's lease runs; Claim.DONE when it
+        was sent, or is unknown (purged): nothing is left to send."""
+        ...
+
+    async def renew(
+        self, window_id: str, token: int, lease_seconds: float, now: float
+    ) -> Lease | None:
+        """The lease extended to `now + lease_seconds`, only while `token` is the window's
+        sender and its lease has not run out at `now`; None otherwise: do not send."""
         ...
 
     async def read(self, window_id: str) -> DigestWindow:
         """The window and its summary, or UnknownWindow."""
         ...
 
-    async def complete(self, window_id: str, owner: str, now: float) -> None:
-        """The digest was sent: DONE, whoever holds the lease now (as single emails do)."""
+    async def complete(self, window_id: str, token: int, now: float) -> bool:
+        """The digest was sent (or kept in the dead-letter folder): DONE, whoever holds the
+        window now. True when `token` was still its sender (also for a retry of that sender's
+        own completion); False when another claim had taken it over or completed it."""
         ...
 
-    async def release(self, window_id: str, owner: str, now: float) -> None:
-        """The send failed: due again at once, still closed. Only while `owner` holds it."""
+    async def release(self, window_id: str, token: int, now: float) -> None:
+        """The send failed: due again at once, still closed. Only while `token` holds it."""
         ...
 
     async def pending(self, now: float) -> list[WindowInfo]:
-        """Every window not yet sent, by due time."""
+        """Every window not yet sent, by due time, with its event count (never reading the
+        events themselves: a window may hold hundreds of thousands)."""
         ...
 
     async def aclose(self) -> None: ...

@@ -23,6 +23,7 @@ TRACE_ID = "105445aa7843bc8bf206b12000100000"
 class BuggyNotifier:
     name = "buggy"
     max_recipients: int | None = None
+    send_seconds = 1.0
 
     async def send(self, notification: Notification) -> Receipt:
         raise RuntimeError("a bug in a notifier")

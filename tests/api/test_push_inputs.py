@@ -135,3 +135,26 @@ def test_a_push_that_is_no_storage_change_is_acknowledged_and_logged(
     assert answer.json()["status"] == "ignored"
     assert any(record.levelno == logging.WARNING for record in caplog.records)
     assert read_outbox(tmp_path / "outbox") == []
+
+
+def test_a_stale_message_pushed_back_from_the_dead_letter_topic_is_kept_not_sent(
+    outbox_server: ThreadedServer, tmp_path: Path
+) -> None:
+    """The README's replay of Pub/Sub's dead letters: a change older than DEDUPE_RETENTION may
+    have partly gone out before its done marks expired, so it is kept, not emailed again."""
+    stale = {
+        **ATTRIBUTES,
+        "eventTime": "2020-01-01T00:00:00.000Z",
+        "CloudPubSubDeadLetterSourceSubscription": "gcs-notifier-push",
+    }
+    answer = post(outbox_server, envelope(stale))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "dead-lettered"
+    assert not (tmp_path / "outbox").exists() or not read_outbox(tmp_path / "outbox")
+    [kept] = (tmp_path / "dead-letter").glob("*.json")
+    assert "older than DEDUPE_RETENTION" in json.loads(kept.read_text())["deadletterreason"]
+    # A recent one from there is notified; an old one that is no replay goes the usual way.
+    fresh = {**stale, "eventTime": ATTRIBUTES["eventTime"]}
+    assert post(outbox_server, envelope(fresh)).json()["status"] == "sent"
+    old = {**ATTRIBUTES, "eventTime": "2020-01-01T00:00:00.000Z"}
+    assert post(outbox_server, envelope(old)).json()["status"] == "duplicate"

@@ -10,7 +10,10 @@ import json
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,14 +21,15 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from pydantic import SecretStr
 
 from app.config import Settings
 from app.notify.sendgrid import SendGridNotifier
-from tests.factories import EVENTARC_PATH, binary, object_data
+from tests.factories import EVENTARC_PATH, binary, object_data, recent
 from tests.fakes.sendgrid import FakeSendGrid, Reply
 from tests.redis_server import redis_server
-from tests.servers import ROOT, ServiceProcess, ThreadedServer
+from tests.servers import ROOT, ServiceProcess, ThreadedServer, free_port
 
 RECIPIENTS = ["ops@example.com", "dev@example.com", "boss@example.com"]
 
@@ -145,6 +149,62 @@ def test_a_hang_is_answered_503_within_the_timeout(
     assert "in time" in answer.json()["detail"]
 
 
+def test_a_send_that_hangs_past_the_timeout_keeps_its_claim_until_the_lease_ends(
+    fake: FakeSendGrid, tmp_path: Path
+) -> None:
+    """Issue 18: a send SendGrid never answered may have gone out; its claim was released and
+    the redelivery emailed at once. Now it stands until its lease ends, then one email goes."""
+    fake.script(Reply.hang())  # no answer until the fake stops: never accepted
+    settings = sendgrid_settings(fake, tmp_path, claim_lease_seconds=7)  # SENDGRID_TIMEOUT 2 s
+    with ThreadedServer(settings) as server:
+        headers, body = binary(object_data(name="uncertain.txt"))
+        claimed = time.monotonic()
+        hung = deliver(server.url, headers, body)
+        assert hung.status_code == 503
+        assert "in time" in hung.json()["detail"]
+        again = deliver(server.url, headers, body)  # right after: the claim stands
+        assert again.status_code == 409, again.text
+        assert again.headers["retry-after"].isdigit()
+        while (answer := deliver(server.url, headers, body)).status_code == 409:
+            assert time.monotonic() - claimed < 20, "the claim outlived its lease"
+            time.sleep(0.25)
+        assert answer.json()["status"] == "sent"
+        assert time.monotonic() - claimed >= 6.5  # not before the lease (7 s) ended
+        assert deliver(server.url, headers, body).json()["status"] == "duplicate"
+    assert len(fake.accepted()) == 1
+
+
+def test_a_refused_connection_releases_the_claim_so_the_redelivery_sends_at_once(
+    tmp_path: Path,
+) -> None:
+    """Nothing reached SendGrid, so nothing can have gone out: no reason to hold the claim."""
+    port = free_port()  # nothing listens there yet
+    key = "SG.fake-sendgrid-key00.refused-connection-test-only-never-a-real-key-0"
+    settings = Settings.model_validate(
+        {
+            "notifier": "sendgrid",
+            "sendgrid_api_key": key,
+            "sendgrid_host": f"http://127.0.0.1:{port}",
+            "sendgrid_timeout": 2.0,
+            "claim_lease_seconds": 60,
+            "notify_to": RECIPIENTS,
+            "notify_from": "notifier@example.com",
+            "idempotency_store": f"sqlite:///{tmp_path}/state/notifier.db",
+            "dead_letter_dir": tmp_path / "dead-letter",
+        }
+    )
+    with ThreadedServer(settings) as server:
+        headers, body = binary(object_data(name="refused.txt"))
+        refused = deliver(server.url, headers, body)
+        assert refused.status_code == 503, refused.text
+        assert "SendGrid unreachable" in refused.json()["detail"]
+        with FakeSendGrid(key, port=port) as fake:  # SendGrid is back
+            answer = deliver(server.url, headers, body)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["status"] == "sent"
+            assert len(fake.accepted()) == 1
+
+
 def run_replay(directory: Path, url: str) -> subprocess.CompletedProcess[str]:
     """`python -m app.replay DIR --url URL`, as an operator runs it."""
     return subprocess.run(
@@ -161,7 +221,8 @@ def test_rejected_message_is_dead_lettered_and_replay_sends_it_once(
     service: ThreadedServer, fake: FakeSendGrid, tmp_path: Path
 ) -> None:
     fake.script(Reply.error(400, "The subject is invalid", field="subject"))
-    headers, body = binary(object_data(name="rejected.txt"), event_id="dl-1")
+    # A change of a minute ago: a replay of one older than DEDUPE_RETENTION is refused.
+    headers, body = binary(object_data(name="rejected.txt"), event_id="dl-1", time=recent())
     answer = deliver(service.url, headers, body)
     assert answer.status_code == 200
     assert answer.json() == {"status": "dead-lettered", "id": "dl-1"}
@@ -184,9 +245,10 @@ def test_replay_keeps_files_the_service_does_not_accept(
     service: ThreadedServer, fake: FakeSendGrid, tmp_path: Path
 ) -> None:
     fake.script(Reply.error(400, "bad", field="subject"), Reply.error(500))
-    deliver(service.url, *binary())
+    deliver(service.url, *binary(time=recent()))
     replay = run_replay(tmp_path / "dead-letter", service.url)
     assert replay.returncode == 1
+    assert "503" in replay.stdout
     assert "(kept)" in replay.stdout
     assert len(list((tmp_path / "dead-letter").glob("*.json"))) == 1
 
@@ -326,3 +388,90 @@ def test_two_instances_sharing_redis_send_one_email_for_one_change(
                 if answer.status_code == 409:
                     assert deliver(first.url, *redelivery(data)).json()["status"] == "duplicate"
     assert len(fake.accepted()) == 1
+
+
+def routes_file(tmp_path: Path, count: int) -> Path:
+    """`count` routes for every change under reports/, each to its own recipient, all matched
+    (`continue`)."""
+    route = textwrap.dedent("""
+        - name: route-{n}
+          match: {{prefix: reports/}}
+          to: [route{n}@example.com]
+          continue: true
+    """)
+    routes = "".join(textwrap.indent(route.format(n=n), "  ") for n in range(count))
+    path = tmp_path / "rules.yaml"
+    path.write_text(f"version: 1\nroutes:{routes}", encoding="utf-8")
+    return path
+
+
+@pytest.mark.redis
+def test_an_event_for_many_slow_routes_emails_each_route_once_while_another_instance_retries(
+    fake: FakeSendGrid, tmp_path: Path
+) -> None:
+    """Issue 18: every route's claim was taken up front with one lease; sends slow enough that
+    the later claims' leases ran out before their turn let a second instance, given the
+    redelivery, claim and send them too. A claim is now renewed (or claimed anew) right before
+    its send."""
+    routes, latency, lease = 10, 1.0, 8.0  # the 10th send starts 9 s after the claims
+    fake.latency = latency
+    with redis_server(tmp_path) as url:
+        env = service_env(
+            fake,
+            url,
+            NOTIFY_RULES=str(routes_file(tmp_path, routes)),
+            SENDGRID_TIMEOUT="3",  # each send takes 1 s: none times out
+            CLAIM_LEASE_SECONDS=f"{lease:g}",  # the least SENDGRID_TIMEOUT allows
+        )
+        with ServiceProcess(env, tmp_path) as first, ServiceProcess(env, tmp_path) as second:
+            data = object_data(name="reports/q3.csv")
+            answers: list[httpx.Response] = []
+            sending = threading.Thread(
+                target=lambda: answers.append(deliver(first.url, *redelivery(data), timeout=30))
+            )
+            sending.start()
+            assert fake.wait_for_requests(1, timeout=10)  # the first route's send: claims taken
+            claimed = time.monotonic()
+            retries: list[int] = []
+            # Eventarc's redelivery reaches the other instance, again and again, from before
+            # the up-front leases run out until the first instance has answered.
+            while sending.is_alive():
+                if time.monotonic() - claimed > lease - 0.5:
+                    retries.append(deliver(second.url, *redelivery(data), timeout=30).status_code)
+                time.sleep(0.2)
+            sending.join()
+            assert retries
+            assert set(retries) <= {200, 409}, retries
+            # Then until one is answered 2xx: every route is done.
+            while (last := deliver(second.url, *redelivery(data), timeout=30)).status_code == 409:
+                assert time.monotonic() - claimed < 30
+                time.sleep(0.2)
+            assert last.json()["status"] in ("duplicate", "sent")
+    [answer] = answers
+    assert answer.status_code in (200, 409), answer.text
+    assert Counter(fake.delivered_recipients()) == {
+        f"route{n}@example.com": 1 for n in range(routes)
+    }
+
+
+@pytest.mark.redis
+def test_a_sent_change_is_remembered_in_redis_for_the_dedupe_retention(
+    fake: FakeSendGrid, tmp_path: Path
+) -> None:
+    """Issue 18: done marks were kept 25 h, but a dead-letter replay reaches back 7 days: a
+    replayed event that had partly gone out emailed again. The default DEDUPE_RETENTION is 8
+    days."""
+    with redis_server(tmp_path) as url:
+        with ThreadedServer(sendgrid_settings(fake, tmp_path, idempotency_store=url)) as server:
+            assert deliver(server.url, *binary()).json()["status"] == "sent"
+        client = redis.Redis.from_url(url)
+        try:
+            [done] = client.keys("gcs-notifier:delivery:*")
+            value = client.get(done)
+            assert isinstance(value, bytes)
+            assert value.startswith(b"done")
+            kept = client.pttl(done) / 1000
+        finally:
+            client.close()
+    eight_days = 8 * 86400
+    assert eight_days - 60 < kept <= eight_days

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -21,7 +21,7 @@ from app.notify.base import Notifier
 from app.notify.outbox import OutboxNotifier
 from app.notify.sendgrid import SendGridNotifier
 from app.rules.base import DigestRoute, RateLimit
-from app.stores.base import Claim
+from app.stores.base import Claim, Lease
 from app.stores.memory import MemoryDigestStore
 from app.stores.sqlite_windows import SqliteDigestStore
 from app.stores.windows import Added, DigestStore, DigestWindow, Taken, WindowInfo
@@ -85,6 +85,7 @@ def digests(
         sender=SENDER,
         dead_letters=None if dead_letters is None else DigestDeadLetterFolder(dead_letters),
         lease_seconds=30,
+        send_seconds=2.0,
         clock=clock,
     )
 
@@ -242,29 +243,49 @@ class Yielding:
         await asyncio.sleep(0)
         return await self.store.add(route, window_seconds, max_items, item, now, leading_after)
 
-    async def take(self, route: str, limit: int, per_seconds: float, now: float) -> Taken:
+    async def overflow(
+        self,
+        route: str,
+        window_seconds: float,
+        max_items: int,
+        item: DigestItem,
+        now: float,
+        done_keys: Sequence[str],
+    ) -> Added:
         await asyncio.sleep(0)
-        return await self.store.take(route, limit, per_seconds, now)
+        return await self.store.overflow(route, window_seconds, max_items, item, now, done_keys)
+
+    async def take(
+        self, route: str, change_key: str, limit: int, per_seconds: float, now: float
+    ) -> Taken:
+        await asyncio.sleep(0)
+        return await self.store.take(route, change_key, limit, per_seconds, now)
 
     async def due(self, now: float, limit: int) -> list[str]:
         await asyncio.sleep(0)
         return await self.store.due(now, limit)
 
-    async def claim(self, window_id: str, owner: str, lease_seconds: float, now: float) -> Claim:
+    async def claim(self, window_id: str, lease_seconds: float, now: float) -> Lease | Claim:
         await asyncio.sleep(0)
-        return await self.store.claim(window_id, owner, lease_seconds, now)
+        return await self.store.claim(window_id, lease_seconds, now)
+
+    async def renew(
+        self, window_id: str, token: int, lease_seconds: float, now: float
+    ) -> Lease | None:
+        await asyncio.sleep(0)
+        return await self.store.renew(window_id, token, lease_seconds, now)
 
     async def read(self, window_id: str) -> DigestWindow:
         await asyncio.sleep(0)
         return await self.store.read(window_id)
 
-    async def complete(self, window_id: str, owner: str, now: float) -> None:
+    async def complete(self, window_id: str, token: int, now: float) -> bool:
         await asyncio.sleep(0)
-        await self.store.complete(window_id, owner, now)
+        return await self.store.complete(window_id, token, now)
 
-    async def release(self, window_id: str, owner: str, now: float) -> None:
+    async def release(self, window_id: str, token: int, now: float) -> None:
         await asyncio.sleep(0)
-        await self.store.release(window_id, owner, now)
+        await self.store.release(window_id, token, now)
 
     async def pending(self, now: float) -> list[WindowInfo]:
         await asyncio.sleep(0)
@@ -343,6 +364,7 @@ def test_a_route_with_more_recipients_than_one_message_takes_is_refused(
             sender=SENDER,
             dead_letters=None,
             lease_seconds=30,
+            send_seconds=2.0,
         )
 
 
@@ -358,6 +380,7 @@ def routed(store: DigestStore, notifier: Notifier, clock: Clock) -> Digests:
         sender=SENDER,
         dead_letters=None,
         lease_seconds=30,
+        send_seconds=2.0,
         clock=clock,
     )
 
@@ -398,12 +421,12 @@ def test_a_rate_route_past_its_limit_gets_one_digest_when_the_period_ends(
         store, clock = opener(), Clock()
         try:
             flow = routed(store, OutboxNotifier(outbox), clock)
-            taken = [await flow.take(RATED.name) for _ in range(5)]
+            taken = [await flow.take(RATED.name, event(n)) for n in range(5)]
             assert [t.allowed for t in taken] == [True, True, False, False, False]
             period_end = taken[-1].period_end
             assert period_end == NOW + 3600
-            for n in range(3):
-                await flow.overflow(RATED.name, event(n), period_end)
+            for n in range(2, 5):
+                await flow.overflow(RATED.name, event(n), period_end, [f"route:invoices:{n}"])
             assert await flow.flush(period_end - 1) == FlushResult(0, 1, 0)
             assert await flow.flush(period_end) == FlushResult(1, 0, 0)
         finally:

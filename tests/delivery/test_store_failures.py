@@ -1,8 +1,11 @@
-"""A store that fails at any step of a delivery: the event is answered 503 (Eventarc delivers it
-again), every claim the delivery held is completed or released, and /healthz tells."""
+"""A store that fails at any step of a delivery: before the send the event is answered 503
+(Eventarc delivers it again) and every claim the delivery held is released; after SendGrid
+accepted the email, the claim is never released: the done mark is retried, the answer is 2xx,
+and no redelivery emails again. /healthz tells when the store cannot be reached."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -10,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.stores.base import Claim, StoreUnavailable
+from app.stores.base import Claim, Lease, StoreUnavailable
 from app.stores.memory import MemoryStore
 from tests.conftest import outbox_settings
 from tests.factories import EVENTARC_PATH, binary, object_data
@@ -36,17 +39,21 @@ class FailingStore(MemoryStore):
             self.failures[operation] -= 1
             raise StoreUnavailable(f"test: {operation} failed")
 
-    async def claim(self, key: str, owner: str, lease_seconds: float) -> Claim:
+    async def claim(self, key: str, lease_seconds: float) -> Lease | Claim:
         self._maybe_fail("claim")
-        return await super().claim(key, owner, lease_seconds)
+        return await super().claim(key, lease_seconds)
 
-    async def complete(self, key: str, owner: str, keep_seconds: float) -> None:
+    async def renew(self, key: str, token: int, lease_seconds: float) -> Lease | None:
+        self._maybe_fail("renew")
+        return await super().renew(key, token, lease_seconds)
+
+    async def complete(self, key: str, token: int) -> bool:
         self._maybe_fail("complete")
-        await super().complete(key, owner, keep_seconds)
+        return await super().complete(key, token)
 
-    async def release(self, key: str, owner: str) -> None:
+    async def release(self, key: str, token: int) -> None:
         self._maybe_fail("release")
-        await super().release(key, owner)
+        await super().release(key, token)
 
     async def ping(self) -> None:
         self._maybe_fail("ping")
@@ -85,20 +92,46 @@ def test_a_claim_that_fails_answers_503_and_sends_nothing(
     assert emails(tmp_path) == 0
 
 
-def test_a_complete_that_fails_after_the_send_releases_the_claim_and_answers_503(
+def test_a_done_mark_that_fails_once_is_retried_and_the_change_is_done(
     service: ThreadedServer, store: FailingStore, tmp_path: Path
 ) -> None:
     data = object_data(name="a.txt")
     store.fail("complete")
-    assert_retry_later(deliver(service.url, *binary(data)))
-    sent_before = emails(tmp_path)
-    assert sent_before >= 1
-    # The claim was given back: the redelivery is not "in flight" (409) for a whole lease.
-    again = deliver(service.url, *binary(data))
-    assert again.status_code == 200, again.text
-    assert again.json()["status"] == "sent"
-    # And now it is done for good.
+    answer = deliver(service.url, *binary(data))
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"status": "sent", "id": answer.json()["id"]}
+    assert store.calls.count("complete") == 2
     assert deliver(service.url, *binary(data)).json()["status"] == "duplicate"
+    assert emails(tmp_path) == 2  # one email, one file for each of its two recipients
+
+
+def test_a_done_mark_the_store_refuses_is_answered_2xx_and_never_sent_again(
+    service: ThreadedServer, store: FailingStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reproduction of issue 18: the done mark failed after SendGrid's 202, the claim was
+    released and the answer 503, so the redelivery emailed again at once. Now the email has gone
+    out, so the answer is 2xx, the claim stands, and the mark is retried until it is written."""
+    data = object_data(name="a.txt")
+    store.fail("complete", times=1000)
+    answer = deliver(service.url, *binary(data))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "sent"
+    assert answer.json()["unconfirmed"] == 1
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.getMessage() for r in errors] == [
+        "email sent but not marked done; its claim stands until its lease ends, and the done"
+        " mark is tried again until then"
+    ]
+    # A redelivery while the store still refuses: the claim stands, nobody emails again.
+    again = deliver(service.url, *binary(data))
+    assert again.status_code == 409, again.text
+    store.failures.clear()  # the store heals: the retry in the background writes the mark
+    deadline = time.monotonic() + 15
+    while deliver(service.url, *binary(data)).status_code == 409:
+        assert time.monotonic() < deadline, "the done mark was never written"
+        time.sleep(0.2)
+    assert deliver(service.url, *binary(data)).json()["status"] == "duplicate"
+    assert emails(tmp_path) == 2  # one email, one file for each of its two recipients
 
 
 def test_a_release_that_fails_still_answers_503_with_what_went_wrong_first(
@@ -124,23 +157,23 @@ def test_a_release_that_fails_still_answers_503_with_what_went_wrong_first(
 def test_a_store_failure_is_never_a_500(
     service: ThreadedServer, store: FailingStore, tmp_path: Path
 ) -> None:
-    for operation in ("claim", "complete"):
-        store.fail(operation)
-        answer = deliver(service.url, *binary(object_data(name=f"{operation}.txt")))
-        assert answer.status_code == 503
+    store.fail("claim")
+    answer = deliver(service.url, *binary(object_data(name="claim.txt")))
+    assert answer.status_code == 503
+    store.fail("complete", times=1000)
+    answer = deliver(service.url, *binary(object_data(name="complete.txt")))
+    assert answer.status_code == 200
 
 
-def test_healthz_reports_a_store_that_cannot_be_reached_once_it_is_open(
+def test_healthz_checks_the_store_before_the_first_event(
     service: ThreadedServer, store: FailingStore
 ) -> None:
+    assert "ping" in store.calls  # the server only counted as up once /healthz passed
     store.fail("ping", times=100)
-    # Before the first event the store is not open: nothing to report.
-    assert httpx.get(service.url + "/healthz").status_code == 200
-    assert "ping" not in store.calls
-    deliver(service.url, *binary())
     answer = httpx.get(service.url + "/healthz")
     assert answer.status_code == 503
-    assert "idempotency store unavailable" in answer.json()["detail"]
+    assert answer.json()["detail"] == "the delivery state store cannot be reached"
+    assert "test: ping failed" not in answer.text  # the reason goes to the log only
     assert httpx.head(service.url + "/healthz").status_code == 503
 
 

@@ -8,6 +8,8 @@ for the window to close and then polls for the email.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import textwrap
 import time
@@ -19,9 +21,13 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+import redis
 from pydantic import SecretStr
+from redis.asyncio import Redis as AsyncRedis
 
 from app.config import Settings
+from app.stores.base import Claim, Lease
+from app.stores.redis_claims import RedisStore
 from tests.conftest import outbox_settings, read_outbox
 from tests.factories import EVENTARC_PATH, binary, object_data
 from tests.fakes.oidc import INVOKER, SERVICE_HOST, CertsServer, SigningKey, mint_token
@@ -64,6 +70,11 @@ def digest_emails(outbox: Path) -> list[EmailMessage]:
     return [m for m in read_outbox(outbox) if "as a digest of" in text_of(m)]
 
 
+def alone_subjects(outbox: Path) -> list[str]:
+    """The subjects of the emails that told one change alone, in the order they were sent."""
+    return [subject(m) for m in read_outbox(outbox) if "as a digest of" not in text_of(m)]
+
+
 def subject(message: EmailMessage) -> str:
     """The subject as a mail client shows it: Python folds a long one whose first word is long
     onto a continuation line ("Subject:\n [gs://..."), and its parser keeps the space."""
@@ -82,8 +93,7 @@ def digest_settings(tmp_path: Path, route: str, **overrides: Any) -> Settings:
         tmp_path,
         notify_rules=rules(tmp_path, route),
         notify_to=[],
-        idempotency_store=f"sqlite:///{tmp_path}/state/notifier.db",
-        **overrides,
+        **{"idempotency_store": f"sqlite:///{tmp_path}/state/notifier.db", **overrides},
     )
 
 
@@ -131,6 +141,7 @@ def test_500_events_in_one_window_become_one_email_with_the_counts_and_100_names
             "pending": 0,
             "failed": 0,
             "dead_lettered": 0,
+            "left": 0,
         }
         [email] = read_outbox(tmp_path / "outbox")
         assert httpx.post(server.url + "/digests/flush", timeout=10).json()["flushed"] == 0
@@ -199,6 +210,73 @@ def test_rate_overflow_is_folded_into_one_digest_when_the_period_ends(tmp_path: 
         assert name in text_of(digest)
 
 
+def test_overflowed_change_redelivered_during_and_after_its_period_is_in_one_digest_only(
+    tmp_path: Path,
+) -> None:
+    """Issue 18: joining the digest and marking the change done were two steps, and every
+    redelivery spent the rate budget again. A redelivery of a change held for the digest, before
+    or after its period ended, neither emails it alone nor takes an email of the next period."""
+    settings = digest_settings(tmp_path, "rate: {max: 1, per: 2s}", **NO_TIMER)
+    with ThreadedServer(settings) as server:
+        assert deliver(server.url, object_data(name="reports/first.csv")).json()["status"] == "sent"
+        held = object_data(name="reports/held.csv")
+        assert deliver(server.url, held).json()["status"] == "digested"
+        for _ in range(3):
+            assert deliver(server.url, held).json()["status"] == "duplicate"
+        flush_when_due(server)  # the period has ended
+        for _ in range(3):
+            assert deliver(server.url, held).json()["status"] == "duplicate"
+        # The next period's one email is still there for a new change.
+        assert deliver(server.url, object_data(name="reports/next.csv")).json()["status"] == "sent"
+        assert httpx.post(server.url + "/digests/flush", timeout=10).json()["flushed"] == 0
+    [digest] = digest_emails(tmp_path / "outbox")
+    assert subject(digest).startswith("[gs://some-bucket] 1 change under reports/")
+    assert "reports/held.csv" in text_of(digest)
+    assert alone_subjects(tmp_path / "outbox") == [
+        "[gs://some-bucket] finalized: reports/first.csv",
+        "[gs://some-bucket] finalized: reports/next.csv",
+    ]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeSendGrid]:
+    with FakeSendGrid() as server:
+        yield server
+
+
+def sendgrid_settings(fake: FakeSendGrid, tmp_path: Path, route: str, **more: Any) -> Settings:
+    return digest_settings(
+        tmp_path,
+        route,
+        notifier="sendgrid",
+        sendgrid_api_key=SecretStr(fake.api_key),
+        sendgrid_host=fake.url,
+        sendgrid_timeout=2.0,
+        **NO_TIMER,
+        **more,
+    )
+
+
+def test_a_rate_route_s_redelivery_after_sendgrid_failed_spends_no_second_email_of_the_budget(
+    tmp_path: Path, fake: FakeSendGrid
+) -> None:
+    """Issue 18: every redelivery spent the rate budget again, so a change SendGrid failed once
+    took two of the period's emails and pushed the next change into the digest."""
+    fake.script(Reply.error(503))
+    settings = sendgrid_settings(fake, tmp_path, "rate: {max: 2, per: 1h}")
+    with ThreadedServer(settings) as server:
+        retried = object_data(name="reports/retried.csv")
+        assert deliver(server.url, retried).status_code == 503
+        assert deliver(server.url, retried).json()["status"] == "sent"
+        assert deliver(server.url, object_data(name="reports/next.csv")).json()["status"] == "sent"
+        # The budget is two emails: the third change waits for the digest.
+        third = deliver(server.url, object_data(name="reports/third.csv"))
+        assert third.json()["status"] == "digested"
+    [retried_email, next_email] = fake.accepted()
+    assert "reports/retried.csv" in retried_email["subject"]
+    assert "reports/next.csv" in next_email["subject"]
+
+
 def test_a_digest_route_s_own_templates_render_the_window(tmp_path: Path) -> None:
     route = """
     digest: {window: 1s}
@@ -230,7 +308,13 @@ def test_get_digests_lists_pending_windows(tmp_path: Path) -> None:
     assert window["opened"].endswith("Z")
     assert window["due"] > window["opened"]
     # Not due yet: a flush sends nothing, and says the window is still pending.
-    assert flushed.json() == {"flushed": 0, "pending": 1, "failed": 0, "dead_lettered": 0}
+    assert flushed.json() == {
+        "flushed": 0,
+        "pending": 1,
+        "failed": 0,
+        "dead_lettered": 0,
+        "left": 0,
+    }
 
 
 def process_env(tmp_path: Path, route: str, **more: str) -> dict[str, str]:
@@ -274,10 +358,33 @@ def test_k_service_with_a_sqlite_store_and_a_digest_route_warns_at_start(tmp_pat
     assert "firestore://" in warning
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeSendGrid]:
-    with FakeSendGrid() as server:
-        yield server
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize(("tick", "warnings"), [("1", 1), ("0", 0)], ids=["timer-on", "timer-off"])
+def test_k_service_with_a_digest_route_warns_once_at_start_while_the_timer_is_on(
+    tmp_path: Path, tick: str, warnings: int
+) -> None:
+    """Issue 18: on Cloud Run, with CPU only during requests, a timer flush frozen between
+    requests wakes with its claims lost; time is kept by Cloud Scheduler's POST /digests/flush."""
+    env = process_env(
+        tmp_path,
+        "digest: {window: 1m}",
+        K_SERVICE="gcs-notifier",
+        IDEMPOTENCY_STORE="memory",  # no SQLite warning beside it
+        DIGEST_FLUSH_SECONDS=tick,
+    )
+    with ServiceProcess(env, tmp_path) as service:
+        # Ready once the rules loaded, and with them the digest flush and its timer.
+        eventually(lambda: "event pipeline ready" in service.output(), seconds=10)
+        lines = json_lines(service.output())
+    timer = [line for line in lines if "DIGEST_FLUSH_SECONDS" in line["message"]]
+    assert len(timer) == warnings, lines
+    for line in timer:
+        assert line["severity"] == "WARNING"
+        assert "DIGEST_FLUSH_SECONDS=0" in line["message"]
+        assert "Cloud Scheduler" in line["message"]
 
 
 def sendgrid_env(fake: FakeSendGrid) -> dict[str, str]:
@@ -319,6 +426,181 @@ def test_two_processes_on_one_redis_send_one_digest(tmp_path: Path, fake: FakeSe
     assert digest["subject"].startswith("[gs://some-bucket] 10 changes under reports/")
 
 
+class WritesRefused(RedisStore):
+    """The service's Redis claims store, which makes its redis-server refuse writes (`maxmemory
+    1` with noeviction, as a full Memorystore instance does; reads and deletes still pass) at a
+    chosen moment of the next delivery, until `accept_writes`:
+    - "claimed": as soon as the delivery's claim is granted, so the rate overflow that follows
+      is refused;
+    - "joined": once the event has joined its digest, right before its key is marked done by a
+      write of its own (an overflow that joins and marks done in one step has no such moment).
+    """
+
+    def __init__(self, url: str) -> None:
+        super().__init__(AsyncRedis.from_url(url, socket_timeout=5))
+        self.admin = redis.Redis.from_url(url, socket_timeout=5)
+        self.moment: str | None = None
+        self.watched: str | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def refuse_writes(self, moment: str) -> None:
+        self.moment, self.watched = moment, None
+
+    def accept_writes(self) -> None:
+        self.moment = self.watched = None
+        self.admin.config_set("maxmemory", 0)
+
+    def _refuse_now(self) -> None:
+        self.admin.config_set("maxmemory-policy", "noeviction")
+        self.admin.config_set("maxmemory", 1)
+
+    async def claim(self, key: str, lease_seconds: float) -> Lease | Claim:
+        answer = await super().claim(key, lease_seconds)
+        if self.moment is not None and self.watched is None and isinstance(answer, Lease):
+            self.watched = key
+            if self.moment == "claimed":
+                self._refuse_now()
+        return answer
+
+    async def complete(self, key: str, token: int) -> bool:
+        if self.moment == "joined" and key == self.watched:
+            self._refuse_now()
+        return await super().complete(key, token)
+
+    async def ping(self) -> None:
+        self.loop = asyncio.get_running_loop()  # the server's: /healthz pings before any event
+        await super().ping()
+
+    def close(self) -> None:
+        """From the test's thread, before the server stops: the client lives in its loop."""
+        if self.loop is not None:
+            asyncio.run_coroutine_threadsafe(self.aclose(), self.loop).result(timeout=10)
+        self.admin.close()
+
+
+@pytest.fixture
+def refusing(tmp_path: Path) -> Iterator[tuple[str, WritesRefused]]:
+    with redis_server(tmp_path) as url:
+        yield url, WritesRefused(url)
+
+
+def redeliver_until_answered(url: str, data: dict[str, Any], seconds: float = 20) -> str:
+    """Eventarc's redeliveries of a change answered 409 (in flight), until one is 2xx: its
+    status."""
+
+    def answered() -> str | None:
+        answer = deliver(url, data)
+        if answer.status_code == 409:
+            time.sleep(0.4)
+            return None
+        assert answer.status_code == 200, answer.text
+        status: str = answer.json()["status"]
+        return status
+
+    return eventually(answered, seconds)
+
+
+@pytest.mark.redis
+def test_a_rate_overflow_the_store_refuses_answers_503_and_the_redelivery_folds_it_in_once(
+    tmp_path: Path, refusing: tuple[str, WritesRefused]
+) -> None:
+    """A rate route's overflow joins the period's digest and marks the change done in one step:
+    Redis refusing it (the period's budget is read without a write, so the overflow is the first
+    write refused) leaves neither, and the redelivery joins the digest once."""
+    url, store = refusing
+    settings = digest_settings(
+        tmp_path, "rate: {max: 1, per: 4s}", idempotency_store=url, **NO_TIMER
+    )
+    with ThreadedServer(settings, store=store) as server:
+        try:
+            first = deliver(server.url, object_data(name="reports/first.csv"))
+            assert first.json()["status"] == "sent"
+            held = object_data(name="reports/held.csv")
+            store.refuse_writes("claimed")
+            try:
+                refused = deliver(server.url, held)
+            finally:
+                store.accept_writes()
+            assert refused.status_code == 503, refused.text
+            # Neither written: no digest holds the change, and it is not marked done.
+            assert httpx.get(server.url + "/digests", timeout=10).json()["windows"] == []
+            assert deliver(server.url, held).json()["status"] == "digested"
+            flush_when_due(server)
+            assert deliver(server.url, held).json()["status"] == "duplicate"
+        finally:
+            store.close()
+    [alone, digest] = read_outbox(tmp_path / "outbox")
+    assert "reports/first.csv" in subject(alone)
+    assert subject(digest).startswith("[gs://some-bucket] 1 change under reports/")
+    assert "reports/held.csv" in text_of(digest)
+
+
+@pytest.mark.redis
+def test_a_store_failing_after_a_rate_overflow_joined_never_lets_the_change_go_out_alone(
+    tmp_path: Path, refusing: tuple[str, WritesRefused]
+) -> None:
+    """Issue 18: joining the period's digest and marking the change done were two writes; Redis
+    refusing the second left the change in the digest with its claim held, and the redelivery
+    after the period and the lease emailed it alone as well."""
+    url, store = refusing
+    settings = digest_settings(
+        tmp_path,
+        "rate: {max: 1, per: 2s}",
+        idempotency_store=url,
+        claim_lease_seconds=10,  # the least the outbox's 5 s send allows
+        sendgrid_timeout=5,  # unused by the outbox, but checked against the lease
+        **NO_TIMER,
+    )
+    with ThreadedServer(settings, store=store) as server:
+        try:
+            first = deliver(server.url, object_data(name="reports/first.csv"))
+            assert first.json()["status"] == "sent"
+            held = object_data(name="reports/held.csv")
+            store.refuse_writes("joined")
+            try:
+                answer = deliver(server.url, held)
+            finally:
+                store.accept_writes()
+            assert answer.status_code in (200, 503), answer.text
+            if answer.status_code == 503:
+                # Eventarc's first retry comes after its backoff (10 s at least): by then the
+                # claim's lease and the rate period are over.
+                time.sleep(10.5)
+                redeliver_until_answered(server.url, held)
+            flush_when_due(server)  # the period has ended (and any lease with it)
+            for _ in range(3):
+                assert redeliver_until_answered(server.url, held) == "duplicate"
+        finally:
+            store.close()
+    [digest] = digest_emails(tmp_path / "outbox")
+    assert subject(digest).startswith("[gs://some-bucket] 1 change under reports/")
+    assert "reports/held.csv" in text_of(digest)
+    assert alone_subjects(tmp_path / "outbox") == [
+        "[gs://some-bucket] finalized: reports/first.csv"
+    ]
+
+
+@pytest.mark.redis
+def test_a_digested_change_is_remembered_in_redis_for_the_dedupe_retention(
+    tmp_path: Path,
+) -> None:
+    """Issue 18: digest dedupe was kept 25 h, but a dead-letter replay reaches back 7 days; the
+    default retention (DEDUPE_RETENTION) is 8 days."""
+    with redis_server(tmp_path) as url:
+        settings = digest_settings(tmp_path, "digest: {window: 1h}", idempotency_store=url)
+        with ThreadedServer(settings) as server:
+            data = object_data(name="reports/kept.csv")
+            assert deliver(server.url, data).json()["status"] == "digested"
+        client = redis.Redis.from_url(url)
+        try:
+            [change] = client.keys("gcs-notifier:digest:change:*")
+            kept = client.pttl(change) / 1000
+        finally:
+            client.close()
+    eight_days = 8 * 86400
+    assert eight_days - 60 < kept <= eight_days
+
+
 def test_sendgrid_failing_during_a_flush_leaves_the_window_for_the_next_one(
     tmp_path: Path, fake: FakeSendGrid
 ) -> None:
@@ -340,10 +622,10 @@ def test_sendgrid_failing_during_a_flush_leaves_the_window_for_the_next_one(
         def flush() -> Any:
             return httpx.post(server.url + "/digests/flush", timeout=10).json()
 
-        failing = {"flushed": 0, "pending": 1, "failed": 1, "dead_lettered": 0}
+        failing = {"flushed": 0, "pending": 1, "failed": 1, "dead_lettered": 0, "left": 0}
         assert flush() == failing
         assert flush() == failing
-        assert flush() == {"flushed": 1, "pending": 0, "failed": 0, "dead_lettered": 0}
+        assert flush() == {"flushed": 1, "pending": 0, "failed": 0, "dead_lettered": 0, "left": 0}
         assert flush()["flushed"] == 0
     [digest] = fake.accepted()
     assert digest["subject"].startswith("[gs://some-bucket] 3 changes under reports/")
@@ -423,3 +705,35 @@ def test_sigterm_sends_the_due_windows_and_keeps_the_others_pending(tmp_path: Pa
     with ServiceProcess(env, tmp_path) as again:
         windows = httpx.get(again.url + "/digests", timeout=10).json()["windows"]
     assert [(w["route"], w["events"]) for w in windows] == [("later", 1)]
+
+
+def test_sigterm_while_the_timer_s_digest_is_in_flight_sends_it_once_and_exits_in_time(
+    tmp_path: Path, fake: FakeSendGrid
+) -> None:
+    """Issue 18: shutdown cancelled the timer at once; the cancelled flush released its window
+    although SendGrid may have accepted it, and the last flush sent it again."""
+    env = process_env(
+        tmp_path,
+        "digest: {window: 2s}",
+        DIGEST_FLUSH_SECONDS="0.2",
+        **{**sendgrid_env(fake), "SENDGRID_TIMEOUT": "5"},
+    )
+    fake.latency = 2.0  # SendGrid takes 2 s to accept: the digest is in flight at SIGTERM
+    with ServiceProcess(env, tmp_path) as service:
+        for i in range(3):
+            data = object_data(name=f"reports/r{i}.csv")
+            assert deliver(service.url, data).json()["status"] == "digested"
+        assert fake.wait_for_requests(1, timeout=20)  # the timer's flush is sending the window
+        signalled = time.monotonic()
+        service.signal(signal.SIGTERM)
+        assert service.wait(timeout=15) in (0, -signal.SIGTERM)
+        waited = time.monotonic() - signalled
+    assert waited < 10  # Cloud Run sends SIGKILL 10 s after SIGTERM
+    # Every request the fake received has its answer (a send cut short is accepted all the
+    # same, 2 s after it arrived, as SendGrid would).
+    eventually(lambda: all(r.status is not None or r.gone for r in fake.requests()), seconds=10)
+    assert [body["subject"] for body in fake.accepted()] == [
+        "[gs://some-bucket] 3 changes under reports/ (3 finalized)"
+    ]
+    with ServiceProcess({**env, "DIGEST_FLUSH_SECONDS": "0"}, tmp_path) as again:
+        assert httpx.get(again.url + "/digests", timeout=10).json()["windows"] == []

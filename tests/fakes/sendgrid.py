@@ -18,6 +18,10 @@ Two ways to run it:
 
 The API key is compared and then forgotten: records keep every header except `Authorization`, and
 only whether the key matched.
+
+For fault injection, a `chooser` (e.g. a seeded `Chaos`) may decide each mail send request's fate
+(latency, 202, 5xx, 429, or no answer at all), and every record carries when it was received and
+answered, so a test can tell which sends were accepted and when.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import enum
 import hmac
 import json
 import os
+import random
 import re
 import secrets
 import signal
@@ -593,6 +598,7 @@ class ReplyKind(enum.StrEnum):
     RATE_LIMITED = "rate_limited"  # 429 with the X-RateLimit-* headers
     HTML = "html"  # a proxy's HTML error page (502 by default)
     HANG = "hang"  # no answer (for `seconds`, then NORMAL; or until the server stops)
+    DROP = "drop"  # no answer ever: closed after `seconds` (None: when the client leaves)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -610,6 +616,12 @@ class Reply:
     seconds: float | None = None
     limit: int = DEFAULT_RATE_LIMIT
     errors: tuple[ApiError, ...] = ()  # several entries in one error body (`errors`)
+    # Seconds to wait before answering; a client that leaves meanwhile gets nothing, and nothing
+    # is accepted (SendGrid's timeout-then-accept would make a second email no sender can avoid).
+    delay: float = 0.0
+    # Not answered at all if the answer would leave later than this after the request came in
+    # (a busy machine delayed it): the sender's timeout may have passed meanwhile.
+    within: float | None = None
 
     @classmethod
     def normal(cls) -> Reply:
@@ -650,6 +662,26 @@ class Reply:
         return cls(ReplyKind.HANG, seconds=seconds)
 
     @classmethod
+    def drop(cls, seconds: float | None = None) -> Reply:
+        """Never answer, never accept: the connection is closed after `seconds`, or as soon as
+        the client leaves (its timeout), or when the server stops."""
+        if seconds is not None and seconds < 0:
+            raise ValueError("seconds must be >= 0")
+        return cls(ReplyKind.DROP, seconds=seconds)
+
+    def after(self, seconds: float) -> Reply:
+        """This reply, answered `seconds` later if the client is still waiting by then."""
+        if seconds < 0:
+            raise ValueError("seconds must be >= 0")
+        return dataclasses.replace(self, delay=seconds)
+
+    def answered_within(self, seconds: float) -> Reply:
+        """This reply, or none at all if it could not leave within `seconds` of the request."""
+        if seconds < 0:
+            raise ValueError("seconds must be >= 0")
+        return dataclasses.replace(self, within=seconds)
+
+    @classmethod
     def from_json(cls, spec: Mapping[str, Any]) -> Reply:
         """The `POST /__fake/script` form: `{"kind": "error", "status": 500, ...}`."""
         kind = ReplyKind(spec["kind"])
@@ -665,7 +697,100 @@ class Reply:
         if kind is ReplyKind.HANG:
             seconds = spec.get("seconds")
             return cls.hang(None if seconds is None else float(seconds))
+        if kind is ReplyKind.DROP:
+            seconds = spec.get("seconds")
+            return cls.drop(None if seconds is None else float(seconds))
         return cls(kind)
+
+
+Chooser = Callable[["RecordedRequest"], "Reply | None"]
+CLIENT_POLL_SECONDS = 0.05  # how often a delayed or dropped request checks its client is there
+
+
+@dataclasses.dataclass(eq=False)
+class Chaos:
+    """A seeded chooser (`FakeSendGrid.chooser = Chaos(seed, ...)`): a random fate per mail send.
+
+    The n-th request with a given subject gets its reply from `random.Random` seeded with the
+    seed, the subject and n, so one email's attempts meet the same fates whatever order requests
+    arrive in. Fates: accepted after a latency in `latency`; a 5xx (`error`), a 429
+    (`rate_limited`) or a proxy's 502 page (`bad_gateway`) after a short latency; `hang`: no
+    answer until the client gives up; `slow`: no answer for a time drawn from `slow_seconds`
+    (past the client's timeout), then the connection closed. Neither of the last two is ever
+    accepted, and an accepted reply whose client left during its latency is not accepted either:
+    a send SendGrid accepted after the sender stopped waiting would be a second email no sender
+    could prevent, not what a test of the sender wants to see; `answer_within` also leaves
+    unanswered whatever a busy machine would answer later than that after the request came in.
+    `enabled = False` answers every request normally from then on; `fates` counts what was
+    chosen.
+    """
+
+    seed: int | str
+    latency: tuple[float, float] = (0.0, 1.0)
+    error: float = 0.0
+    rate_limited: float = 0.0
+    bad_gateway: float = 0.0
+    hang: float = 0.0
+    slow: float = 0.0
+    slow_seconds: tuple[float, float] = (2.0, 3.0)
+    answer_within: float | None = None  # Reply.answered_within for every reply
+    enabled: bool = True
+    fates: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter, init=False
+    )
+    _seen: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter, init=False, repr=False
+    )
+    _lock: threading.Lock = dataclasses.field(
+        default_factory=threading.Lock, init=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.error + self.rate_limited + self.bad_gateway + self.hang + self.slow > 1:
+            raise ValueError("the fates' chances add up to more than 1")
+
+    def __call__(self, record: RecordedRequest) -> Reply | None:
+        if not self.enabled:
+            return None
+        body = record.body
+        subject = body.get("subject") if isinstance(body, dict) else None
+        key = subject if isinstance(subject, str) else "(no subject)"
+        with self._lock:
+            attempt = self._seen[key]
+            self._seen[key] += 1
+        draw = random.Random(f"{self.seed}:{key}:{attempt}")
+        fate, reply = self._fate(draw)
+        with self._lock:
+            self.fates[fate] += 1
+        if self.answer_within is not None:
+            reply = reply.answered_within(self.answer_within)
+        return reply
+
+    def _fate(self, draw: random.Random) -> tuple[str, Reply]:
+        roll = draw.random()
+        quick = draw.uniform(0.0, min(self.latency[1], 0.5))
+        for fate, chance in (
+            ("error", self.error),
+            ("rate_limited", self.rate_limited),
+            ("bad_gateway", self.bad_gateway),
+            ("hang", self.hang),
+            ("slow", self.slow),
+        ):
+            if roll < chance:
+                return fate, self._reply(fate, draw).after(quick if fate != "slow" else 0.0)
+            roll -= chance
+        return "accepted", Reply.normal().after(draw.uniform(*self.latency))
+
+    def _reply(self, fate: str, draw: random.Random) -> Reply:
+        if fate == "error":
+            return Reply.error(draw.choice((500, 502, 503, 504)))
+        if fate == "rate_limited":
+            return Reply.rate_limited(reset_in=draw.uniform(0.5, 2.0))
+        if fate == "bad_gateway":
+            return Reply.bad_gateway()
+        if fate == "hang":
+            return Reply.drop()
+        return Reply.drop(draw.uniform(*self.slow_seconds))
 
 
 # --------------------------------------------------------------------------------------------
@@ -691,6 +816,9 @@ class RecordedRequest:
     delivered: bool = False
     sandboxed: bool = False
     errors: tuple[ApiError, ...] = ()
+    received_at: float = 0.0  # time.time() when the request arrived
+    answered_at: float | None = None  # time.time() when answered (for a 202: accepted)
+    gone: bool = False  # the client left (or the server stopped) before an answer
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -702,6 +830,7 @@ class Outcome:
     delivered: bool = False
     sandboxed: bool = False
     errors: tuple[ApiError, ...] = ()
+    gone: bool = False  # nothing answered because the client left or the server stopped
 
     @property
     def status(self) -> int | None:
@@ -738,7 +867,9 @@ class Recorder:
             record.delivered = outcome.delivered and isinstance(record.body, dict)
             record.sandboxed = outcome.sandboxed
             record.errors = outcome.errors
+            record.gone = outcome.gone
             if outcome.status is not None:
+                record.answered_at = time.time()
                 self._by_status[outcome.status] += 1
             if record.delivered and isinstance(record.body, dict):
                 self._accepted.append(record.body)
@@ -870,6 +1001,8 @@ class FakeSendGridServer:
         self._shutdown_timeout = shutdown_timeout
         self._runner: web.ServerRunner | None = None
         self._stopping: asyncio.Event | None = None
+        # Decides each mail send request's reply when no scripted one is queued (None: NORMAL).
+        self.chooser: Chooser | None = None
         self._control: dict[tuple[str, str], Callable[[web.BaseRequest], _Handler]] = {
             ("GET", "stats"): self._stats,
             ("POST", "reset"): self._reset,
@@ -931,6 +1064,7 @@ class FakeSendGridServer:
             body=body,
             size=size,
             client_port=_client_port(request),
+            received_at=time.time(),
         )
         self.recorder.begin(record)
         outcome = Outcome(None)  # if the server cancels us while stopping
@@ -956,12 +1090,41 @@ class FakeSendGridServer:
             response = _default_error(405)
             response.headers["Allow"] = "POST"
             return Outcome(response)
-        reply = self.recorder.next_reply() or Reply.normal()
+        reply = self.recorder.next_reply() or self._choose(record) or Reply.normal()
+        if reply.delay and not await self._client_waits(request, reply.delay):
+            return Outcome(None, gone=True)
+        if reply.within is not None and time.time() - record.received_at > reply.within:
+            return Outcome(None, gone=True)
+        if reply.kind is ReplyKind.DROP:
+            await self._client_waits(request, reply.seconds)
+            return Outcome(None, gone=True)
         if reply.kind is ReplyKind.HANG:
             if not await self._hang(reply.seconds):
                 return Outcome(None)
             reply = Reply.normal()
         return self._scripted(reply) or self._mail_send(request, raw, record)
+
+    def _choose(self, record: RecordedRequest) -> Reply | None:
+        chooser = self.chooser
+        return None if chooser is None else chooser(dataclasses.replace(record))
+
+    async def _client_waits(self, request: web.BaseRequest, seconds: float | None) -> bool:
+        """Wait `seconds` (None: for ever) while the client keeps its connection open. False as
+        soon as it leaves or the server is stopping; True if it is still there at the end."""
+        assert self._stopping is not None
+        loop = asyncio.get_running_loop()
+        deadline = None if seconds is None else loop.time() + seconds
+        while True:
+            if request.transport is None or request.transport.is_closing():
+                return False
+            left = CLIENT_POLL_SECONDS if deadline is None else deadline - loop.time()
+            if left <= 0:
+                return True
+            try:
+                await asyncio.wait_for(self._stopping.wait(), min(left, CLIENT_POLL_SECONDS))
+            except TimeoutError:
+                continue
+            return False
 
     async def _hang(self, seconds: float | None) -> bool:
         """Wait `seconds` (None: forever). False if the server is stopping meanwhile."""
@@ -1135,6 +1298,16 @@ class FakeSendGrid:
     @latency.setter
     def latency(self, seconds: float) -> None:
         self._server.latency = seconds
+
+    @property
+    def chooser(self) -> Chooser | None:
+        """Decides each mail send request's reply when nothing is scripted (None: normal
+        handling); may be changed while serving."""
+        return self._server.chooser
+
+    @chooser.setter
+    def chooser(self, chooser: Chooser | None) -> None:
+        self._server.chooser = chooser  # one attribute store: safe from another thread
 
     def start(self) -> Self:
         if self._thread is not None:

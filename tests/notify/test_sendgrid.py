@@ -18,6 +18,7 @@ from app.notify.base import (
     Receipt,
     RejectedDeliveryError,
     TransientDeliveryError,
+    UncertainDeliveryError,
 )
 from app.notify.sendgrid import SendGridNotifier
 from tests.fakes.sendgrid import ApiError, FakeSendGrid, Reply
@@ -224,20 +225,22 @@ def test_sendgrid_error_body_is_logged(
     assert record.sendgrid_errors == ["personalizations.0.to: Does not contain a valid address."]  # type: ignore[attr-defined]
 
 
-def test_a_hang_becomes_transient_after_the_timeout(fake: FakeSendGrid) -> None:
+def test_a_hang_becomes_uncertain_after_the_timeout(fake: FakeSendGrid) -> None:
+    """The request was sent: SendGrid may have accepted it, so the claim must stand."""
     fake.script(Reply.hang())
     started = time.monotonic()
-    with pytest.raises(TransientDeliveryError, match="in time"):
+    with pytest.raises(UncertainDeliveryError, match="in time"):
         send(fake, notification(), timeout=0.5)
     assert time.monotonic() - started < 5  # bounded by SENDGRID_TIMEOUT, not by the hang
 
 
-def test_unreachable_sendgrid_is_transient() -> None:
+def test_unreachable_sendgrid_is_transient_and_certainly_not_sent() -> None:
     async def main() -> None:
         notifier = SendGridNotifier(api_key=SecretStr("SG.x"), host="http://127.0.0.1:9", timeout=2)
         try:
-            with pytest.raises(TransientDeliveryError, match="unreachable"):
+            with pytest.raises(TransientDeliveryError, match="unreachable") as caught:
                 await notifier.send(notification())
+            assert not isinstance(caught.value, UncertainDeliveryError)
         finally:
             await notifier.aclose()
 
@@ -340,7 +343,7 @@ def test_a_timeout_never_shows_the_key(
     assert fake.api_key not in caplog.text
 
 
-def test_a_connection_closed_without_an_answer_is_transient() -> None:
+def test_a_connection_closed_without_an_answer_is_uncertain() -> None:
     fake = FakeSendGrid().start()
     fake.script(Reply.hang())  # the fake closes hung connections, unanswered, when it stops
 
@@ -351,7 +354,7 @@ def test_a_connection_closed_without_an_answer_is_transient() -> None:
     stopper = threading.Thread(target=stop_once_received)
     stopper.start()
     try:
-        with pytest.raises(TransientDeliveryError, match="unreachable") as caught:
+        with pytest.raises(UncertainDeliveryError, match="connection broke") as caught:
             send(fake, notification())
     finally:
         stopper.join(timeout=10)

@@ -8,15 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.rules.model import (
-    DigestSpec,
-    RateSpec,
-    RouteSpec,
-    RulesError,
-    duration_text,
-    parse_duration,
-    parse_rules,
-)
+from app.durations import duration_text, parse_duration
+from app.rules.model import DigestSpec, RateSpec, RouteSpec, RulesError, parse_rules
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 HELP = 'write a whole number and s, m, h or d, like "30s", "5m", "1h", "1d"'

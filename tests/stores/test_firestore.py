@@ -15,10 +15,12 @@ from google.auth.exceptions import RefreshError
 from app.stores.base import StoreUnavailable
 from app.stores.firestore import (
     CALL_SECONDS,
+    DIGEST_EVENT_SHARDS,
     FirestoreLocation,
     call_options,
     claims_collection,
     digest_changes_collection,
+    digest_event_shard_collection,
     digest_events_collection,
     digest_rates_collection,
     digest_routes_collection,
@@ -109,12 +111,19 @@ def test_collections_start_with_the_prefix() -> None:
     assert digest_windows_collection("p") == "p-digest-windows"
     assert digest_changes_collection("p") == "p-digest-changes"
     assert digest_rates_collection("p") == "p-digest-rates"
-    assert digest_events_collection("p") == "p-digest-events"
+    assert digest_events_collection("p") == "p-digest-events"  # the layout before shards
+    # One collection group per shard of a window's events.
+    assert [digest_event_shard_collection("p", n) for n in (0, 7)] == [
+        "p-digest-events-0",
+        "p-digest-events-7",
+    ]
+    assert DIGEST_EVENT_SHARDS == 8
     assert expiring_collections("p") == (
         "p-claims",
         "p-digest-changes",
         "p-digest-windows",
         "p-digest-events",
+        *(f"p-digest-events-{n}" for n in range(8)),
         "p-digest-rates",
     )
 

@@ -19,7 +19,8 @@ from redis.asyncio import Redis
 
 from app.digests.window import DigestItem, DigestSummary
 from app.events.models import EventType
-from app.stores.base import Claim
+from app.stores.base import Claim, Lease
+from app.stores.factory import open_digest_store, open_store
 from app.stores.firestore import FirestoreLocation
 from app.stores.firestore_windows import FirestoreDigestStore
 from app.stores.memory import MemoryDigestStore
@@ -28,7 +29,7 @@ from app.stores.sqlite_windows import SqliteDigestStore
 from app.stores.windows import Added, DigestStore, Taken, UnknownWindow, WindowState
 from tests.redis_server import redis_server
 
-pytest_plugins = ["tests.firestore_emulator"]
+pytest_plugins = ["tests.firestore_emulator", "tests.store_backends"]
 log = logging.getLogger(__name__)
 
 NOW = 1_730_000_000.0  # fixed clock: every method takes `now`
@@ -55,6 +56,11 @@ def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
     else:
         with redis_server(tmp_path) as url:
             yield lambda: RedisDigestStore(Redis.from_url(url))
+
+
+def leased(answer: Lease | Claim) -> Lease:
+    assert isinstance(answer, Lease), answer
+    return answer
 
 
 def run(opener: Opener, scenario: Callable[[DigestStore], Awaitable[None]]) -> None:
@@ -106,8 +112,8 @@ def test_the_same_change_twice_counts_once_within_and_across_windows(opener: Ope
         first = await store.add("r", 60, 10, item(1), NOW)
         again = await store.add("r", 60, 10, item(1), NOW + 1)
         assert (again.duplicate, again.window_id, again.opened) == (True, first.window_id, False)
-        assert await store.claim(first.window_id, "flusher", 30, NOW + 61) is Claim.CLAIMED
-        await store.complete(first.window_id, "flusher", NOW + 62)
+        lease = leased(await store.claim(first.window_id, 30, NOW + 61))
+        await store.complete(first.window_id, lease.token, NOW + 62)
         late = await store.add("r", 60, 10, item(1), NOW + 3600)  # redelivered an hour later
         assert (late.duplicate, late.window_id) == (True, first.window_id)
         assert await store.pending(NOW + 3600) == []
@@ -130,8 +136,8 @@ def test_a_change_is_deduplicated_per_route(opener: Opener) -> None:
 def test_a_change_is_forgotten_after_the_retention(tmp_path: Path) -> None:
     async def scenario(store: DigestStore) -> None:
         first = await store.add("r", 60, 10, item(1), NOW)
-        await store.claim(first.window_id, "f", 30, NOW + 60)
-        await store.complete(first.window_id, "f", NOW + 61)
+        lease = leased(await store.claim(first.window_id, 30, NOW + 60))
+        await store.complete(first.window_id, lease.token, NOW + 61)
         later = await store.add("r", 60, 10, item(1), NOW + 101)
         assert not later.duplicate
         assert later.window_id != first.window_id
@@ -148,7 +154,7 @@ def test_a_change_is_forgotten_after_the_retention(tmp_path: Path) -> None:
 def test_an_event_during_the_send_opens_the_next_window(opener: Opener) -> None:
     async def scenario(store: DigestStore) -> None:
         first = await store.add("r", 60, 10, item(1), NOW)
-        assert await store.claim(first.window_id, "flusher", 30, NOW + 60) is Claim.CLAIMED
+        leased(await store.claim(first.window_id, 30, NOW + 60))
         during = await store.add("r", 60, 10, item(2), NOW + 60.5)
         assert during.window_id == f"r:{int((NOW + 60.5) * 1000)}"
         assert during.opened
@@ -162,7 +168,7 @@ def test_an_event_during_the_send_opens_the_next_window(opener: Opener) -> None:
 def test_windows_opened_in_the_same_millisecond_get_distinct_ids(opener: Opener) -> None:
     async def scenario(store: DigestStore) -> None:
         first = await store.add("r", 60, 10, item(1), NOW)
-        await store.claim(first.window_id, "flusher", 30, NOW)
+        leased(await store.claim(first.window_id, 30, NOW))
         second = await store.add("r", 60, 10, item(2), NOW)
         assert second.opened
         assert second.window_id == f"r:{int(NOW * 1000) + 1}"
@@ -185,13 +191,14 @@ def test_due_lists_open_windows_once_their_time_has_come(opener: Opener) -> None
 def test_claim_complete_cycle(opener: Opener) -> None:
     async def scenario(store: DigestStore) -> None:
         window = (await store.add("r", 60, 10, item(1), NOW)).window_id
-        assert await store.claim(window, "a", 30, NOW + 60) is Claim.CLAIMED
-        assert await store.claim(window, "b", 30, NOW + 61) is Claim.IN_FLIGHT
-        assert await store.claim(window, "a", 30, NOW + 61) is Claim.CLAIMED  # its own claim
+        lease = leased(await store.claim(window, 30, NOW + 60))
+        assert await store.claim(window, 30, NOW + 61) is Claim.IN_FLIGHT
         assert (await store.read(window)).info.state is WindowState.SENDING
         assert await store.due(NOW + 62, 10) == []
-        await store.complete(window, "a", NOW + 62)
-        assert await store.claim(window, "b", 30, NOW + 63) is Claim.DONE
+        assert await store.complete(window, lease.token, NOW + 62) is True
+        assert await store.complete(window, lease.token, NOW + 62) is True  # a retry
+        assert await store.claim(window, 30, NOW + 63) is Claim.DONE
+        assert await store.renew(window, lease.token, 30, NOW + 63) is None
         assert await store.due(NOW + 10_000, 10) == []
         assert (await store.read(window)).info.state is WindowState.DONE
 
@@ -201,27 +208,28 @@ def test_claim_complete_cycle(opener: Opener) -> None:
 def test_a_released_window_is_due_at_once_and_stays_closed(opener: Opener) -> None:
     async def scenario(store: DigestStore) -> None:
         window = (await store.add("r", 60, 10, item(1), NOW)).window_id
-        await store.claim(window, "a", 30, NOW + 60)
-        await store.release(window, "a", NOW + 61)
+        a = leased(await store.claim(window, 30, NOW + 60))
+        await store.release(window, a.token, NOW + 61)
         assert await store.due(NOW + 61, 10) == [window]
         assert (await store.read(window)).info.state is WindowState.RELEASED
         next_one = await store.add("r", 60, 10, item(2), NOW + 62)
         assert next_one.window_id != window
         assert next_one.opened
-        assert await store.claim(window, "b", 30, NOW + 63) is Claim.CLAIMED
-        await store.complete(window, "b", NOW + 64)
+        lease = leased(await store.claim(window, 30, NOW + 63))
+        await store.complete(window, lease.token, NOW + 64)
         assert (await store.read(window)).summary.count == 1
 
     run(opener, scenario)
 
 
-def test_release_by_another_owner_does_nothing(opener: Opener) -> None:
+def test_release_with_another_token_does_nothing(opener: Opener) -> None:
     async def scenario(store: DigestStore) -> None:
         window = (await store.add("r", 60, 10, item(1), NOW)).window_id
-        await store.claim(window, "a", 30, NOW + 60)
-        await store.release(window, "intruder", NOW + 61)
+        lease = leased(await store.claim(window, 30, NOW + 60))
+        await store.release(window, lease.token + 1, NOW + 61)
+        await store.release(window, lease.token - 1, NOW + 61)
         assert await store.due(NOW + 61, 10) == []
-        assert await store.claim(window, "b", 30, NOW + 61) is Claim.IN_FLIGHT
+        assert await store.claim(window, 30, NOW + 61) is Claim.IN_FLIGHT
 
     run(opener, scenario)
 
@@ -229,7 +237,7 @@ def test_release_by_another_owner_does_nothing(opener: Opener) -> None:
 def test_completing_an_open_window_closes_it(opener: Opener) -> None:
     async def scenario(store: DigestStore) -> None:
         window = (await store.add("r", 60, 10, item(1), NOW)).window_id
-        await store.complete(window, "a", NOW + 1)
+        assert await store.complete(window, 1, NOW + 1) is False  # nobody had claimed it
         after = await store.add("r", 60, 10, item(2), NOW + 2)
         assert after.opened
         assert after.window_id != window
@@ -243,15 +251,12 @@ def test_two_concurrent_claimers_have_one_winner(opener: Opener) -> None:
         other = opener()  # a second instance on the same storage
         try:
             results = await asyncio.gather(
-                *(
-                    (store if i % 2 else other).claim(window, f"o{i}", 30, NOW + 60)
-                    for i in range(20)
-                )
+                *((store if i % 2 else other).claim(window, 30, NOW + 60) for i in range(20))
             )
         finally:
             if other is not store:
                 await other.aclose()
-        assert results.count(Claim.CLAIMED) == 1
+        assert sum(isinstance(result, Lease) for result in results) == 1
         assert results.count(Claim.IN_FLIGHT) == 19
 
     run(opener, scenario)
@@ -260,11 +265,13 @@ def test_two_concurrent_claimers_have_one_winner(opener: Opener) -> None:
 def test_an_expired_lease_makes_a_sending_window_due_again(opener: Opener) -> None:
     async def scenario(store: DigestStore) -> None:
         window = (await store.add("r", 60, 10, item(1), NOW)).window_id
-        await store.claim(window, "crashed", 30, NOW + 60)
+        crashed = leased(await store.claim(window, 30, NOW + 60))
         assert await store.due(NOW + 89, 10) == []
         assert await store.due(NOW + 90, 10) == [window]
-        assert await store.claim(window, "b", 30, NOW + 90) is Claim.CLAIMED
-        assert await store.claim(window, "crashed", 30, NOW + 91) is Claim.IN_FLIGHT
+        taken_over = leased(await store.claim(window, 30, NOW + 90))
+        assert taken_over.token > crashed.token
+        assert await store.claim(window, 30, NOW + 91) is Claim.IN_FLIGHT
+        assert await store.renew(window, crashed.token, 30, NOW + 91) is None
 
     run(opener, scenario)
 
@@ -275,9 +282,9 @@ def test_pending_lists_every_window_not_yet_sent(opener: Opener) -> None:
         sending = (await store.add("sending", 20, 10, item(1), NOW)).window_id
         for n in range(3):
             await store.add("open", 30, 10, item(n), NOW + 1)
-        await store.claim(sent, "a", 30, NOW + 10)
-        await store.complete(sent, "a", NOW + 11)
-        await store.claim(sending, "a", 30, NOW + 20)
+        lease = leased(await store.claim(sent, 30, NOW + 10))
+        await store.complete(sent, lease.token, NOW + 11)
+        leased(await store.claim(sending, 30, NOW + 20))
         pending = await store.pending(NOW + 21)
         assert [(p.route, p.events, p.state) for p in pending] == [
             ("sending", 1, WindowState.SENDING),
@@ -292,7 +299,7 @@ def test_pending_lists_every_window_not_yet_sent(opener: Opener) -> None:
 
 def test_an_unknown_window_is_done_and_cannot_be_read(opener: Opener) -> None:
     async def scenario(store: DigestStore) -> None:
-        assert await store.claim("r:1", "a", 30, NOW) is Claim.DONE
+        assert await store.claim("r:1", 30, NOW) is Claim.DONE
         with pytest.raises(UnknownWindow):
             await store.read("r:1")
 
@@ -415,8 +422,8 @@ def test_a_leading_event_opens_the_first_window_empty(opener: Opener) -> None:
         assert [(p.window_id, p.events) for p in await store.pending(NOW)] == [(first.window_id, 0)]
         # An empty window is flushed like any other: the flush completes it without an email.
         assert await store.due(NOW + 60, 10) == [first.window_id]
-        assert await store.claim(first.window_id, "f", 30, NOW + 60) is Claim.CLAIMED
-        await store.complete(first.window_id, "f", NOW + 60)
+        lease = leased(await store.claim(first.window_id, 30, NOW + 60))
+        await store.complete(first.window_id, lease.token, NOW + 60)
         assert await store.pending(NOW + 60) == []
 
     run(opener, scenario)
@@ -444,8 +451,8 @@ def test_a_duplicate_of_the_leading_change_is_leading(opener: Opener) -> None:
         joined_again = await store.add("r", 60, 10, item(2), NOW + 3, leading_after=300)
         assert (joined_again.duplicate, joined_again.leading) == (True, False)
         assert (await store.read(first.window_id)).summary.count == 1
-        await store.claim(first.window_id, "f", 30, NOW + 60)
-        await store.complete(first.window_id, "f", NOW + 61)
+        lease = leased(await store.claim(first.window_id, 30, NOW + 60))
+        await store.complete(first.window_id, lease.token, NOW + 61)
         late = await store.add("r", 60, 10, item(1), NOW + 3600, leading_after=300)
         assert (late.window_id, late.duplicate, late.leading) == (first.window_id, True, True)
         assert await store.pending(NOW + 3600) == []
@@ -456,7 +463,7 @@ def test_a_duplicate_of_the_leading_change_is_leading(opener: Opener) -> None:
 def test_not_leading_while_the_previous_window_closed_recently(opener: Opener) -> None:
     async def scenario(store: DigestStore) -> None:
         first = await store.add("r", 60, 10, item(1), NOW, leading_after=300)
-        await store.claim(first.window_id, "f", 30, NOW + 60)
+        leased(await store.claim(first.window_id, 30, NOW + 60))
         busy = await store.add("r", 60, 10, item(2), NOW + 359.5, leading_after=300)
         assert (busy.opened, busy.leading) == (True, False)
         assert busy.previous_closed_at == pytest.approx(NOW + 60)
@@ -468,8 +475,8 @@ def test_not_leading_while_the_previous_window_closed_recently(opener: Opener) -
 def test_leading_again_after_a_quiet_spell(opener: Opener) -> None:
     async def scenario(store: DigestStore) -> None:
         first = await store.add("r", 60, 10, item(1), NOW, leading_after=300)
-        await store.claim(first.window_id, "f", 30, NOW + 60)
-        await store.complete(first.window_id, "f", NOW + 61)
+        lease = leased(await store.claim(first.window_id, 30, NOW + 60))
+        await store.complete(first.window_id, lease.token, NOW + 61)
         quiet = await store.add("r", 60, 10, item(2), NOW + 360, leading_after=300)  # 300 s
         assert (quiet.opened, quiet.leading, quiet.duplicate) == (True, True, False)
         assert quiet.previous_closed_at == pytest.approx(NOW + 60)
@@ -491,18 +498,18 @@ def test_without_leading_after_an_opening_event_joins_its_window(opener: Opener)
 
 def test_take_allows_the_limit_per_period_then_starts_a_new_one(opener: Opener) -> None:
     async def scenario(store: DigestStore) -> None:
-        taken = [await store.take("r", 3, 60, NOW + n) for n in range(4)]
+        taken = [await store.take("r", f"c{n}", 3, 60, NOW + n) for n in range(4)]
         assert taken == [
             Taken(True, NOW + 60, 1),
             Taken(True, NOW + 60, 2),
             Taken(True, NOW + 60, 3),
             Taken(False, NOW + 60, 3),
         ]
-        assert await store.take("r", 3, 60, NOW + 59.5) == Taken(False, NOW + 60, 3)
-        assert await store.take("other", 3, 60, NOW + 30) == Taken(True, NOW + 90, 1)
+        assert await store.take("r", "c4", 3, 60, NOW + 59.5) == Taken(False, NOW + 60, 3)
+        assert await store.take("other", "c1", 3, 60, NOW + 30) == Taken(True, NOW + 90, 1)
         # The first email after the period ended starts the next one, at its own time.
-        assert await store.take("r", 3, 60, NOW + 75) == Taken(True, NOW + 135, 1)
-        assert await store.take("r", 3, 60, NOW + 134) == Taken(True, NOW + 135, 2)
+        assert await store.take("r", "c5", 3, 60, NOW + 75) == Taken(True, NOW + 135, 1)
+        assert await store.take("r", "c6", 3, 60, NOW + 134) == Taken(True, NOW + 135, 2)
 
     run(opener, scenario)
 
@@ -510,10 +517,10 @@ def test_take_allows_the_limit_per_period_then_starts_a_new_one(opener: Opener) 
 def test_take_rejects_a_rate_that_allows_nothing(opener: Opener) -> None:
     async def scenario(store: DigestStore) -> None:
         with pytest.raises(ValueError, match="limit"):
-            await store.take("r", 0, 60, NOW)
+            await store.take("r", "change", 0, 60, NOW)
         with pytest.raises(ValueError, match="period"):
-            await store.take("r", 1, 0, NOW)
-        assert await store.take("r", 1, 60, NOW) == Taken(True, NOW + 60, 1)
+            await store.take("r", "change", 1, 0, NOW)
+        assert await store.take("r", "change", 1, 60, NOW) == Taken(True, NOW + 60, 1)
 
     run(opener, scenario)
 
@@ -523,7 +530,7 @@ def test_concurrent_takes_allow_exactly_the_limit(opener: Opener) -> None:
         other = opener()  # a second instance on the same storage
         try:
             results = await asyncio.gather(
-                *((store if i % 2 else other).take("r", 20, 3600, NOW) for i in range(50))
+                *((store if i % 2 else other).take("r", f"c{i}", 20, 3600, NOW) for i in range(50))
             )
         finally:
             if other is not store:
@@ -543,13 +550,97 @@ def test_a_redis_period_expires_with_its_end(tmp_path: Path) -> None:
     async def scenario(url: str) -> None:
         client = Redis.from_url(url)
         store = RedisDigestStore(client)
-        await store.take(route, 5, 60, time.time())
+        await store.take(route, "change", 5, 60, time.time())
         key = f"{PREFIX}rate:{hashlib.sha1(route.encode()).hexdigest()}"
         assert 59_000 < await client.pttl(key) <= 60_000
-        await store.take(route, 5, 60, time.time())  # a take within the period keeps its end
+        # A take within the period keeps its end.
+        await store.take(route, "another change", 5, 60, time.time())
         assert 58_000 < await client.pttl(key) <= 60_000
         assert [k async for k in client.scan_iter("*rate*")] == [key.encode()]
         await store.aclose()
 
     with redis_server(tmp_path) as url:
         asyncio.run(scenario(url))
+
+
+def test_renew_extends_a_live_lease_and_refuses_an_expired_one(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        window = (await store.add("r", 60, 10, item(1), NOW)).window_id
+        lease = leased(await store.claim(window, 30, NOW + 60))
+        assert lease.expires == pytest.approx(NOW + 90)
+        renewed = await store.renew(window, lease.token, 30, NOW + 80)
+        assert renewed is not None
+        assert renewed.token == lease.token
+        assert renewed.expires == pytest.approx(NOW + 110)
+        assert await store.claim(window, 30, NOW + 100) is Claim.IN_FLIGHT  # still held
+        assert await store.due(NOW + 100, 10) == []
+        # Past the renewed lease nobody took it over yet, but the holder may not send now.
+        assert await store.renew(window, lease.token, 30, NOW + 111) is None
+
+    run(opener, scenario)
+
+
+def test_a_stale_sender_cannot_renew_or_release_and_its_complete_stops_the_new_one(
+    opener: Opener,
+) -> None:
+    async def scenario(store: DigestStore) -> None:
+        window = (await store.add("r", 60, 10, item(1), NOW)).window_id
+        stale = leased(await store.claim(window, 30, NOW + 60))
+        current = leased(await store.claim(window, 30, NOW + 95))  # the first lease ran out
+        assert current.token > stale.token
+        assert await store.renew(window, stale.token, 30, NOW + 96) is None
+        await store.release(window, stale.token, NOW + 96)
+        assert await store.claim(window, 30, NOW + 96) is Claim.IN_FLIGHT
+        # The stale sender's digest went out after all: done, and the takeover reported.
+        assert await store.complete(window, stale.token, NOW + 97) is False
+        assert await store.renew(window, current.token, 30, NOW + 97) is None
+        assert await store.claim(window, 30, NOW + 98) is Claim.DONE
+        assert await store.complete(window, current.token, NOW + 98) is False
+        assert await store.complete(window, stale.token, NOW + 98) is False  # a retry
+
+    run(opener, scenario)
+
+
+def test_a_change_that_took_an_email_takes_it_again_without_counting(opener: Opener) -> None:
+    async def scenario(store: DigestStore) -> None:
+        assert await store.take("r", "c1", 2, 60, NOW) == Taken(True, NOW + 60, 1)
+        # Its first delivery failed after the take: the redelivery is not counted again.
+        assert await store.take("r", "c1", 2, 60, NOW + 1) == Taken(True, NOW + 60, 1, True)
+        assert await store.take("r", "c2", 2, 60, NOW + 2) == Taken(True, NOW + 60, 2)
+        assert await store.take("r", "c2", 2, 60, NOW + 3) == Taken(True, NOW + 60, 2, True)
+        assert await store.take("r", "c3", 2, 60, NOW + 4) == Taken(False, NOW + 60, 2)
+        assert await store.take("other", "c1", 2, 60, NOW + 5) == Taken(True, NOW + 65, 1)
+        # A new period forgets who took what.
+        assert await store.take("r", "c1", 2, 60, NOW + 61) == Taken(True, NOW + 121, 1)
+
+    run(opener, scenario)
+
+
+def test_overflow_joins_the_digest_and_marks_the_email_keys_done_together(store_url: str) -> None:
+    async def scenario() -> None:
+        claims = open_store(store_url)
+        windows = open_digest_store(store_url, claims=claims)
+        try:
+            keys = ["route:r:change-acme-1-f#0", "route:r:change-acme-1-f#1"]
+            held = [leased(await claims.claim(key, 60)) for key in keys]
+            added = await windows.overflow("r", 300, 10, item(1), NOW, keys)
+            assert (added.opened, added.duplicate, added.leading) == (True, False, False)
+            for key, lease in zip(keys, held, strict=True):
+                assert await claims.claim(key, 60) is Claim.DONE
+                assert await claims.renew(key, lease.token, 60) is None
+                await claims.release(key, lease.token)  # no effect on a done key
+                assert await claims.claim(key, 60) is Claim.DONE
+            window = await windows.read(added.window_id)
+            assert window.summary.items == [item(1)]
+            # Delivered again: already in the digest, counted once, its keys still done.
+            again = await windows.overflow("r", 300, 10, item(1), NOW + 1, keys)
+            assert (again.window_id, again.duplicate) == (added.window_id, True)
+            assert (await windows.read(added.window_id)).summary.count == 1
+            other = await windows.overflow("r", 300, 10, item(2), NOW + 2, ["route:r:2"])
+            assert (other.window_id, other.duplicate) == (added.window_id, False)
+            assert await claims.claim("route:r:2", 60) is Claim.DONE
+        finally:
+            await windows.aclose()
+            await claims.aclose()
+
+    asyncio.run(scenario())
