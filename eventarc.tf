@@ -286,16 +286,39 @@ locals {
   per_instance_store = var.redis_url == "" && startswith(var.idempotency_store, "sqlite:")
   max_instance_count = local.per_instance_store ? 1 : var.max_instances
 
-  # The collections whose documents carry `expire_at` (app/delivery and app/digests Firestore
-  # stores): claims and done marks, a change's dedup record, done digest windows and their events,
-  # rate-limit periods. Firestore's TTL policy deletes each document some time after it expires.
-  ttl_collections = toset([
+  # A digest window's events are spread over this many collection groups under it, one per shard
+  # (app/stores/firestore.py, DIGEST_EVENT_SHARDS; app/stores/firestore_windows.py says why).
+  digest_event_shards = 8
+  digest_event_collections = [
+    for shard in range(local.digest_event_shards) : "${var.store_prefix}-digest-events-${shard}"
+  ]
+
+  # The collections whose documents carry `expire_at` (app/stores/firestore.py,
+  # expiring_collections): claims and done marks, a change's dedup record, done digest windows,
+  # their events (in the shards, and under windows of the layout before shards in
+  # PREFIX-digest-events), rate-limit periods. Firestore's TTL policy deletes each document some
+  # time after it expires.
+  ttl_collections = toset(concat([
     "${var.store_prefix}-claims",
     "${var.store_prefix}-digest-changes",
     "${var.store_prefix}-digest-windows",
     "${var.store_prefix}-digest-events",
     "${var.store_prefix}-digest-rates",
-  ])
+  ], local.digest_event_collections))
+
+  # Fields of the stores' documents that no query reads, by collection group, exempt from
+  # indexing (app/stores/firestore_claims.py, firestore_windows.py). Claims and changes are written
+  # once per email and per event (thousands a second in a bulk upload); `token`, `lease_until` and
+  # a period's `end` grow with time, and an indexed field that grows with time caps the writes to
+  # a collection at 500 a second (Firestore docs, "Best practices", "Index exemptions"). An event's
+  # `item` and a window's `summary` are long values nothing filters on. `expire_at` is exempt with
+  # its TTL policy, and the events' other fields stay indexed: a digest's summary queries them.
+  unindexed_fields = merge({
+    "${var.store_prefix}-claims"         = ["state", "token", "lease_until"]
+    "${var.store_prefix}-digest-changes" = ["window", "route", "shards", "end"]
+    "${var.store_prefix}-digest-events"  = ["item"]
+    "${var.store_prefix}-digest-windows" = ["summary"]
+  }, { for events in local.digest_event_collections : events => ["item"] })
 
   # The rules file: one secret version mounted as one file in a folder of its own (Cloud Run
   # mounts one secret per folder and hides what the image had there). cloudbuild.yaml mounts the
@@ -537,6 +560,24 @@ resource "google_firestore_field" "expire_at" {
   index_config {}
 }
 
+# The fields above that no query reads: an empty index_config drops their single-field indexes.
+resource "google_firestore_field" "unindexed" {
+  for_each = {
+    for exempt in flatten([
+      for collection, fields in local.unindexed_fields : [
+        for field in fields : { collection = collection, field = field }
+      ]
+    ]) : "${exempt.collection}/${exempt.field}" => exempt
+  }
+
+  project    = var.project
+  database   = google_firestore_database.store.name
+  collection = each.value.collection
+  field      = each.value.field
+
+  index_config {}
+}
+
 # Read and write documents (roles/datastore.user), in this database only: the IAM condition
 # (Firestore docs, "Configure per-database access permissions") keeps the runtime account out of
 # the project's other databases.
@@ -666,6 +707,12 @@ resource "google_cloud_run_v2_service" "notifier" {
         name  = "GOOGLE_CLOUD_PROJECT"
         value = var.project
       }
+      # CPU only during requests (cpu_idle above): a flush of the service's own timer would be
+      # frozen between requests and wake with its claims lost. Cloud Scheduler keeps time.
+      env {
+        name  = "DIGEST_FLUSH_SECONDS"
+        value = "0"
+      }
       dynamic "env" {
         for_each = local.rules
         content {
@@ -715,13 +762,14 @@ resource "google_cloud_run_v2_service" "notifier" {
     }
   }
 
-  # The database comes through IDEMPOTENCY_STORE; its TTL policies, index and grant are waited for
-  # too, so the first revision starts with everything its store needs.
+  # The database comes through IDEMPOTENCY_STORE; its TTL policies, index exemptions and grant are
+  # waited for too, so the first revision starts with everything its store needs.
   depends_on = [
     google_project_service.apis,
     google_secret_manager_secret_iam_member.runtime_reads_sendgrid_key,
     google_secret_manager_secret_iam_member.runtime_reads_rules,
     google_firestore_field.expire_at,
+    google_firestore_field.unindexed,
     google_project_iam_member.runtime_uses_store,
   ]
 }

@@ -466,6 +466,9 @@ def test_cpu_is_billed_per_request_with_a_start_up_boost(
     assert "--cpu-throttling" in args
     assert "--no-cpu-throttling" not in args
     assert "--cpu-boost" in args
+    # A flush of the service's own timer, frozen between requests, would wake with its claims
+    # lost: Cloud Scheduler keeps time instead.
+    assert env_vars(args)["DIGEST_FLUSH_SECONDS"] == "0"
 
 
 def test_cloud_build_and_terraform_deploy_the_same_service(
@@ -518,6 +521,8 @@ def test_cloud_build_and_terraform_deploy_the_same_service(
     assert flag(args, "--cpu") == resources_["limits"]["cpu"]
     assert flag(args, "--memory") == resources_["limits"]["memory"]
     assert ("--cpu-throttling" in args) == resources_["cpu_idle"]
+    timer = {entry["name"]: entry.get("value") for entry in containers["env"]}
+    assert env_vars(args)["DIGEST_FLUSH_SECONDS"] == timer["DIGEST_FLUSH_SECONDS"] == "0"
     assert ("--cpu-boost" in args) == resources_["startup_cpu_boost"]
     assert flag(args, "--timeout") == template["timeout"]
 

@@ -783,6 +783,16 @@ def test_cpu_is_billed_per_request_like_gcloud_deploys(tf: dict[str, Any]) -> No
     assert resources_["startup_cpu_boost"] is True
 
 
+def test_with_cpu_only_during_requests_the_service_keeps_no_timer(tf: dict[str, Any]) -> None:
+    """A flush of the service's own timer, frozen between requests, would wake with its claims
+    lost: Cloud Scheduler's POST /digests/flush keeps time instead, retried within its minute."""
+    assert single(container(tf)["resources"])["cpu_idle"] is True
+    assert env(tf)["DIGEST_FLUSH_SECONDS"]["value"] == "0"
+    job = only(of_type(tf, "google_cloud_scheduler_job"))[1]
+    assert job["attempt_deadline"] == "30s"
+    assert single(job["retry_config"])["retry_count"] >= 1
+
+
 def test_no_trigger_exists_before_the_real_image_is_deployed(tf: dict[str, Any]) -> None:
     # The first revision runs a placeholder that answers 200 to any CloudEvent: a trigger in front
     # of it would acknowledge events without emailing them.
@@ -1684,8 +1694,17 @@ def test_the_readmes_pubsub_grants_are_the_terraform_grants(tf: dict[str, Any]) 
 # --------------------------------------------------------------------------------------------
 
 # The collection groups whose documents carry `expire_at`, as the design of the Firestore stores
-# names them after the prefix (app/delivery and app/digests firestore stores).
-TTL_COLLECTIONS = {"claims", "digest-changes", "digest-windows", "digest-events", "digest-rates"}
+# names them after the prefix (app/stores/firestore.py): a digest window's events in one group per
+# shard, and under windows of the layout before shards in `digest-events`.
+EVENT_SHARDS = [f"digest-events-{shard}" for shard in range(8)]
+TTL_COLLECTIONS = {
+    "claims",
+    "digest-changes",
+    "digest-windows",
+    "digest-events",
+    *EVENT_SHARDS,
+    "digest-rates",
+}
 
 # The variables a plain `terraform apply` runs with, for the values these tests compute.
 DEFAULT_STORE_VARIABLES = {"project": "my-project", "redis_url": "", "idempotency_store": ""}
@@ -1819,19 +1838,55 @@ def test_destroying_the_database_takes_the_same_switch_as_the_service(
     assert evaluate(protection, {"deletion_protection": False}) == "DELETE_PROTECTION_DISABLED"
 
 
+def event_shard_collections(tf: dict[str, Any]) -> list[str]:
+    """local.digest_event_collections after the prefix: one name per shard number."""
+    listed = locals_(tf)["digest_event_collections"]
+    match = re.fullmatch(
+        r"\$\{\[for (\w+) in range\(local\.digest_event_shards\) : "
+        r'"\$\{var\.store_prefix\}-([a-z-]+)\$\{\1\}"\]\}',
+        listed,
+    )
+    assert match, listed
+    return [f"{match[2]}{shard}" for shard in range(locals_(tf)["digest_event_shards"])]
+
+
+def after_prefix(items: str) -> list[str]:
+    """`"${var.store_prefix}-NAME", ...` (an HCL list's items) -> the NAMEs."""
+    found = [item.strip() for item in items.split(",") if item.strip()]
+    names = [re.fullmatch(r'"\$\{var\.store_prefix\}-([a-z-]+)"', item) for item in found]
+    assert all(names), found
+    return [name[1] for name in names if name]
+
+
+def test_each_shard_of_a_windows_events_is_a_collection_group_of_the_stores(
+    tf: dict[str, Any],
+) -> None:
+    from app.stores.firestore import DIGEST_EVENT_SHARDS, digest_event_shard_collection
+
+    assert locals_(tf)["digest_event_shards"] == DIGEST_EVENT_SHARDS
+    stores = [
+        digest_event_shard_collection("p", shard).removeprefix("p-")
+        for shard in range(DIGEST_EVENT_SHARDS)
+    ]
+    assert event_shard_collections(tf) == EVENT_SHARDS == stores
+
+
 def test_ttl_policies_on_expire_at_in_each_collection_the_stores_write(
     tf: dict[str, Any],
 ) -> None:
+    from app.stores.firestore import expiring_collections
+
     database_address, _ = database(tf)
-    _, field = only(of_type(tf, "google_firestore_field"))
+    field = of_type(tf, "google_firestore_field")["google_firestore_field.expire_at"]
     assert field["for_each"] == "${local.ttl_collections}"
     listed = locals_(tf)["ttl_collections"]
-    match = re.fullmatch(r"\$\{toset\(\[(.*)\]\)\}", listed, re.S)
+    match = re.fullmatch(
+        r"\$\{toset\(concat\(\[(.*)\], local\.digest_event_collections\)\)\}", listed, re.S
+    )
     assert match, listed
-    items = [item.strip() for item in match[1].split(",") if item.strip()]
-    names = [re.fullmatch(r'"\$\{var\.store_prefix\}-([a-z-]+)"', item) for item in items]
-    assert all(names), items
-    assert sorted(name[1] for name in names if name) == sorted(TTL_COLLECTIONS)
+    names = after_prefix(match[1]) + event_shard_collections(tf)
+    assert sorted(names) == sorted(TTL_COLLECTIONS)
+    assert sorted(names) == sorted(name.removeprefix("p-") for name in expiring_collections("p"))
     assert field["collection"] == "${each.key}"
     assert field["field"] == "expire_at"
     assert field["database"] == "${" + database_address + ".name}"
@@ -1842,10 +1897,81 @@ def test_ttl_policies_on_expire_at_in_each_collection_the_stores_write(
     assert field["index_config"] == [{}]
 
 
+# The fields no query of the stores reads, by collection group (after the prefix): each is written
+# per email or per event, grows with time or holds a long value (app/stores/firestore_*.py).
+UNINDEXED_FIELDS = {
+    "claims": ["state", "token", "lease_until"],
+    "digest-changes": ["window", "route", "shards", "end"],
+    "digest-events": ["item"],
+    "digest-windows": ["summary"],
+    **{events: ["item"] for events in EVENT_SHARDS},
+}
+
+
+def test_fields_no_query_reads_are_exempt_from_indexing(tf: dict[str, Any]) -> None:
+    database_address, _ = database(tf)
+    listed = locals_(tf)["unindexed_fields"]
+    # The named collection groups' fields, and the same for every shard of the events.
+    match = re.fullmatch(
+        r"\$\{merge\(\{(.*)\}, \{for (\w+) in local\.digest_event_collections : \2 => "
+        r"\[(.*)\]\}\)\}",
+        listed,
+        re.S,
+    )
+    assert match, listed
+    named = {
+        collection: [field.strip().strip('"') for field in fields.split(",")]
+        for collection, fields in re.findall(
+            r'"\$\{var\.store_prefix\}-([a-z-]+)" = \[([^]]*)\]', match[1]
+        )
+    }
+    per_shard = [field.strip().strip('"') for field in match[3].split(",")]
+    shards = dict.fromkeys(event_shard_collections(tf), per_shard)
+    assert {**named, **shards} == UNINDEXED_FIELDS
+    field = of_type(tf, "google_firestore_field")["google_firestore_field.unindexed"]
+    # One resource per (collection group, field) pair of the local, keyed "GROUP/FIELD".
+    assert re.sub(r"\s+", " ", field["for_each"]) == (
+        "${{for exempt in flatten([for collection, fields in local.unindexed_fields : "
+        "[for field in fields : {collection = collection, field = field}]]) : "
+        '"${exempt.collection}/${exempt.field}" => exempt}}'
+    )
+    assert (field["collection"], field["field"]) == (
+        "${each.value.collection}",
+        "${each.value.field}",
+    )
+    assert field["database"] == "${" + database_address + ".name}"
+    assert field["project"] == "${var.project}"
+    assert field["index_config"] == [{}]  # no indexes: an exemption
+    assert "ttl_config" not in field  # expire_at has its TTL policy and exemption in one resource
+
+
+def test_the_exempt_fields_are_the_ones_the_stores_never_query() -> None:
+    """What the stores write per email and per event is either queried or exempt; a field a
+    summary query reads (an event's arrival, time, name, place, bucket, size or type) stays
+    indexed."""
+    from datetime import UTC, datetime
+
+    from app.digests.window import DigestItem
+    from app.events.models import EventType
+    from app.stores.firestore_claims import _claim_fields, done_fields
+    from app.stores.firestore_windows import event_fields
+
+    now = datetime.now(UTC)
+    claim = set(_claim_fields(1, now.timestamp(), 60)) | set(done_fields(None, now))
+    assert claim == {*UNINDEXED_FIELDS["claims"], "expire_at"}
+    upload = DigestItem("k", EventType.FINALIZED, "b", "n", 1, None, None)
+    queried = {
+        "arrived", "time", "name", "place", "bucket", "bytes", "finalized", "deleted", "archived"
+    }  # fmt: skip
+    event = set(event_fields(upload, 1, now))
+    for events in ("digest-events", *EVENT_SHARDS):
+        assert event == queried | {*UNINDEXED_FIELDS[events], "expire_at"}
+
+
 def test_no_composite_index_is_made(tf: dict[str, Any]) -> None:
-    # The digest store's queries (ready_at <= now ordered by ready_at; pending == true) are
-    # served by Firestore's automatic single-field indexes: a composite index would only cost
-    # index writes on every window.
+    # The digest store's queries (ready_at <= now ordered by ready_at; pending == true; a
+    # window's events by one field each, and aggregations over them) are served by Firestore's
+    # automatic single-field indexes: a composite index would only cost index writes.
     assert of_type(tf, "google_firestore_index") == {}
 
 
@@ -1902,6 +2028,10 @@ def test_the_readmes_gcloud_store_is_the_terraform_store(tf: dict[str, Any]) -> 
     exempt = readme_commands(["gcloud", "firestore", "indexes", "fields", "update"])
     assert {(c[5], switches(c)["collection-group"]) for c in exempt} == {
         ("expire_at", f"{prefix}-{collection}") for collection in TTL_COLLECTIONS
+    } | {
+        (field, f"{prefix}-{collection}")
+        for collection, fields in UNINDEXED_FIELDS.items()
+        for field in fields
     }
     assert all("--disable-indexes" in c and switches(c)["database"] == name for c in exempt)
 
