@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP     := $(VENV)/.dev-installed
 
-.PHONY: run test lint typecheck pytest audit check-deploy fmt bench clean
+.PHONY: run test lint typecheck pytest audit check-deploy fmt bench chaos clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "python3 >= 3.11 is required (set PYTHON=...)")'
@@ -48,6 +48,12 @@ fmt: $(DEV_STAMP)
 
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The fault-injection suite (tests/faults/, a short run of it is part of `make test`), longer:
+# CHAOS_SEEDS schedules per store (default 5) of CHAOS_EVENTS changes (400) with faults for
+# CHAOS_SECONDS (90). FAULT_SEED=N[,M...] repeats given schedules.
+chaos: $(DEV_STAMP)
+	FAULT_PROFILE=chaos $(BIN)/python -m pytest tests/faults $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-checkov .venv-contract bench/.venv-ff .mypy_cache .ruff_cache .pytest_cache .hypothesis .coverage
