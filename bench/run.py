@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
-from bench import digests, report, rules_file, systems
+from bench import digests, firestore_window, report, rules_file, systems
 from bench.fake import FakeSendGrid
 from bench.measure import (
     Plan,
@@ -68,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         measure_loads(figures, wrk_path)
         print("bench: a digest burst, in process", flush=True)
         figures.burst, figures.store_work = digests.measure_in_process(LOGS)
+        print("bench: a digest window of 200,000 events, on the Firestore emulator", flush=True)
+        window, note = firestore_window.measure_in_process(LOGS)
+        figures.firestore_window, figures.firestore_window_note = window, note
     except KeyboardInterrupt:
         print("bench: interrupted; every server it started is stopped", file=sys.stderr)
         return 130
