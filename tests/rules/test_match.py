@@ -572,3 +572,21 @@ def test_the_index_selects_exactly_what_a_plain_loop_selects(
         verdicts = matcher.explain(evt)
         assert [v.matched for v in verdicts] == [matches(spec, evt) for spec in routes]
         assert [v.route for v in verdicts if v.selected] == matcher.select(evt)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.text(alphabet="a/*?[]!-^\\ \n\u00e9\U0001f600\x00}{$", max_size=10),
+    st.text(alphabet="a/-^\\ \n\u00e9\U0001f600\x00}{$", max_size=10),
+    st.booleans(),
+)
+def test_glob_regex_keeps_every_other_character_literal(
+    pattern: str, name: str, path: bool
+) -> None:
+    """RE2's syntax is not Python's: escapes, class members and non-ASCII characters written
+    for it mean what the written-out semantics say."""
+    try:
+        parts = glob_parts(pattern, path=path)
+    except ValueError:
+        return
+    assert bool(glob_regex(pattern, path=path).match(name)) is reference(parts, name, path=path)
