@@ -10,6 +10,7 @@ cost of `Matcher.select` per event with 1 route and with N routes.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 import timeit
@@ -112,12 +113,32 @@ def select_us(n: int, number: int = 20_000) -> float:
     return best / number * 1e6
 
 
+def worst_glob_us(repeat: int = 5) -> tuple[float, str]:
+    """Issue 19: the slowest match of any glob of an adversarial corpus (globs whose backtracking
+    regex took seconds) against any hostile value (1,024-byte names, 8 KiB metadata values),
+    in microseconds (each pair's best of `repeat`), and which pair it was."""
+    from app.rules.match import glob_regex
+    from tests.security.test_hostile_globs import NAMES, PATH_GLOBS, PLAIN_GLOBS, VALUES
+
+    pairs = [(p, v, True) for p in PATH_GLOBS for v in NAMES]
+    pairs += [(p, v, False) for p in PLAIN_GLOBS for v in VALUES]
+    worst, which = 0.0, ""
+    for pattern, value, path in pairs:
+        match = functools.partial(glob_regex(pattern, path=path).match, value)
+        best = min(timeit.repeat(match, number=1, repeat=repeat))
+        if best > worst:
+            worst, which = best, f"{pattern!r} against {len(value):,} characters"
+    return worst * 1e6, which
+
+
 def main(argv: Sequence[str]) -> None:
     n = int(argv[0]) if argv else 1000
     print(f"parse + validate + index {n} rich routes:  {load_ms(n):.1f} ms")
     print(f"parse + validate + index {n} plain routes: {load_ms(n, rich=False):.1f} ms")
     print(f"select, 1 route:     {select_us(1):.2f} us/event")
     print(f"select, {n} routes: {select_us(n):.2f} us/event")
+    worst, which = worst_glob_us()
+    print(f"slowest glob match of the hostile corpus: {worst:.1f} us ({which})")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     figures = report.Figures(plan=plan, machine=_machine(wrk_path))
     figures.rules_load_ms = rules_file.load_ms(report.RULES_ROUTES)
+    figures.glob_worst_us, figures.glob_worst_case = rules_file.worst_glob_us()
     print(f"bench: {report.machine_line(figures).rsplit(' · ', 1)[0]}", flush=True)
     try:
         measure_cold_starts(figures)
