@@ -3,7 +3,7 @@ digest templates will see. Pure: no I/O, no settings.
 
 Used by the digest flush, issue 11 (not wired into the service yet). Values taken from events
 (bucket and object names, the common prefix) and the route's name get today's treatment
-(app.notify.render): the subject loses control and bidi characters and is cut to SUBJECT_LIMIT,
+(app.notify.render): the subject loses control and format characters and is cut to SUBJECT_LIMIT,
 the text part shows them as visible escapes, the HTML part escapes markup on top, and console
 links are URL-encoded.
 """

@@ -2,8 +2,9 @@
 
 Object names, bucket names and metadata (keys and values) are user data, and attacker-controlled
 where events are not authenticated. Every value gets the same treatment in every part: the subject
-loses control and bidi characters (no header injection), the text and HTML parts show them as
-visible escapes (no forged paragraphs, no reordered names), the HTML also escapes markup, and the
+loses control, format (bidi, zero-width, tag) characters and Hangul fillers (no header injection,
+nothing hidden), the text and HTML parts show them as visible escapes (no forged paragraphs, no
+reordered or hidden text), the HTML also escapes markup, and the
 console link is URL-encoded with no dot segments.
 """
 
@@ -20,11 +21,19 @@ from app.events.models import EventType, StorageEvent
 
 SUBJECT_LIMIT = 200
 # Unicode category Cc (C0, DEL, C1), the line and paragraph separators (a mail client may break a
-# line there), and the bidirectional controls that can reorder what a reader sees (Trojan Source,
-# CVE-2021-42574; U+061C is the Arabic letter mark). One precompiled class: this runs on every
-# value rendered.
+# line there), every format character (category Cf: the bidirectional controls that can reorder
+# what a reader sees, Trojan Source, CVE-2021-42574; zero-width spaces and joiners, the soft
+# hyphen and the byte order mark that hide inside a name, `invoice\u200b.pdf`; the tag characters
+# U+E0000-E007F that smuggle invisible text), and the Hangul fillers, which render as nothing.
+# Cf as of Unicode 15 (tests/notify/test_render.py checks it against unicodedata). One
+# precompiled class: this runs on every value rendered.
 _CONTROLS = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029"
+    "\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f"
+    "\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd"
+    "\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001"
+    "\U000e0020-\U000e007f"
+    "\u115f\u1160\u3164\uffa0]"
 )
 _SPACES = re.compile(r"\s+")
 _HTML_SPECIAL = re.compile("[&<>\"']")
@@ -57,8 +66,10 @@ def visible(value: str) -> str:
 
 
 def _escape(match: re.Match[str]) -> str:
-    char = match.group()
-    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+    code = ord(match.group())
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def escape_html(value: str) -> str:

@@ -3,10 +3,10 @@
 Templates come from the rules file (the operator writes them); their variables come from the event
 (attacker-controlled where events are not authenticated). So each variable reaches each part in the
 form that part can carry safely, as `app.notify.render` does for today's email:
-- subject: the raw values, and the rendered subject is sanitised as today's is (control and bidi
+- subject: the raw values, and the rendered subject is sanitised as today's is (control and format
   characters become spaces, whitespace folds, at most SUBJECT_LIMIT characters);
 - text: string values (bucket, name, content_type, event_id, metadata keys and values) with control
-  and bidi characters shown as escapes (`visible`), so a name cannot forge a paragraph or reorder
+  and format characters shown as escapes (`visible`), so a name cannot forge a paragraph or reorder
   what the reader sees;
 - HTML: the same visible values, autoescaped by Jinja2 (`|safe` opts a value out: never use it on
   event data).
@@ -167,7 +167,7 @@ def _visible(values: Mapping[str, object], keys: Sequence[str]) -> dict[str, obj
 
 
 def _shown(values: dict[str, object]) -> dict[str, object]:
-    """The values for the text and HTML parts: event strings with control and bidi characters
+    """The values for the text and HTML parts: event strings with control and format characters
     shown as escapes (the HTML part autoescapes on top)."""
     shown = _visible(values, _EVENT_STRINGS)
     metadata = values["metadata"]

@@ -32,6 +32,13 @@ C1 = [chr(code) for code in range(0x80, 0xA0)]
 BIDI = ["\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069"]
 MARKS = ["\u200e", "\u200f", "\u061c"]
 SEPARATORS = ["\u2028", "\u2029"]
+# Invisible in a name (issue 19): zero-width space, joiners, word joiner, soft hyphen, byte order
+# mark, invisible operators, a tag character (U+E0000-E007F smuggle hidden text), Hangul fillers.
+INVISIBLE = [
+    "\u200b", "\u200c", "\u200d", "\u2060", "\u2064", "\ufeff", "\u00ad", "\U000e0041",
+    "\U000e0001", "\u115f", "\u1160", "\u3164", "\uffa0", "\u0600", "\U0001d173",
+]  # fmt: skip
+HANGUL_FILLERS = {"\u115f", "\u1160", "\u3164", "\uffa0"}
 
 
 def event(
@@ -312,13 +319,24 @@ def test_a_metadata_key_with_blank_lines_stays_on_its_row() -> None:
     assert row.endswith(" yes")
 
 
+def escaped(char: str) -> str:
+    code = ord(char)
+    return (
+        f"\\x{code:02x}"
+        if code < 0x100
+        else f"\\u{code:04x}"
+        if code < 0x10000
+        else f"\\U{code:08x}"
+    )
+
+
 @pytest.mark.parametrize("place", PLACES)
 @pytest.mark.parametrize(
-    "char", C0 + C1 + BIDI + MARKS + SEPARATORS, ids=lambda char: f"U+{ord(char):04X}"
+    "char", C0 + C1 + BIDI + MARKS + SEPARATORS + INVISIBLE, ids=lambda char: f"U+{ord(char):04X}"
 )
 def test_text_and_html_show_control_and_bidi_characters_as_escapes(place: str, char: str) -> None:
     value = f"a{char}b"
-    shown = f"a\\x{ord(char):02x}b" if ord(char) < 0x100 else f"a\\u{ord(char):04x}b"
+    shown = f"a{escaped(char)}b"
     result = in_place(place, value)
     assert value not in result.text
     assert shown in result.text
@@ -429,3 +447,28 @@ def test_a_notification_without_payload_says_what_it_cannot_know() -> None:
     assert "payload format NONE" in render(bare, "was uploaded").html
     full = render(event(), "was uploaded")
     assert "Not known" not in full.text
+
+
+def test_every_format_character_and_hangul_filler_is_shown_and_nothing_else() -> None:
+    """The class of characters made visible is exactly Cc, Cf (of this Python's Unicode, plus
+    the Egyptian format controls Unicode 15 added), the line and paragraph separators and the
+    Hangul fillers: every other character is left as it is."""
+    newer_format = {chr(code) for code in range(0x13439, 0x13440)}
+    for code in range(0x110000):
+        char = chr(code)
+        if 0xD800 <= code <= 0xDFFF:
+            continue
+        hidden = (
+            unicodedata.category(char) in ("Cc", "Cf")
+            or char in SEPARATORS
+            or char in HANGUL_FILLERS
+            or char in newer_format
+        )
+        assert (visible(char) != char) is hidden, f"U+{code:04X}"
+
+
+@pytest.mark.parametrize("char", INVISIBLE, ids=lambda char: f"U+{ord(char):04X}")
+def test_subject_drops_invisible_characters(char: str) -> None:
+    subject = rendered(name=f"invoice{char}.pdf").subject
+    assert char not in subject
+    assert "invoice .pdf" in subject
